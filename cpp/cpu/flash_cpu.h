@@ -1,0 +1,51 @@
+// Interface between the host code and the CPU kernels. Deliberately free of
+// MLX and standard-library templates: the kernel translation unit is compiled
+// once per instruction set (see CMakeLists.txt), and sharing inline template
+// code with differently-compiled units could leak AVX-512 code into paths
+// that run on any x86-64.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "flash_params.h"
+
+namespace flash_cpu {
+
+enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
+
+struct ForwardArgs {
+  const FlashParams* p;
+  DType dtype;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* mask;   // uint8 (bool) or float32, per p->mask_kind; else null
+  const float* alibi; // slopes, when p->has_alibi
+  const float* sinks; // sink logits, when p->has_sinks
+  void* out;          // (B, Hq, Lq, Dv) contiguous, input dtype
+  float* lse;         // (B, Hq, Lq) contiguous, natural log
+};
+
+// Runs the forward pass with the best kernel this CPU supports.
+void forward(const ForwardArgs& args);
+
+// Name of the instruction set forward() uses on this CPU ("avx512", ...).
+const char* isa_name();
+
+// --- Services the kernels use, implemented in plain C++ (runtime.cpp). ---
+
+// Calls fn(ctx, i) for i in [0, n) on a pool sized to the machine's cores;
+// tasks are handed out dynamically in increasing i.
+void parallel_for(int64_t n, void (*fn)(void* ctx, int64_t i), void* ctx);
+
+// A 64-byte aligned per-thread scratch buffer of at least nbytes, reused
+// across calls on the same thread.
+void* thread_scratch(size_t nbytes);
+
+// One definition per instruction set, in flash_fwd.cpp.
+namespace avx512 { void forward(const ForwardArgs& args); }
+namespace avx2 { void forward(const ForwardArgs& args); }
+namespace generic { void forward(const ForwardArgs& args); }
+
+} // namespace flash_cpu

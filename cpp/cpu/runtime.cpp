@@ -1,0 +1,153 @@
+// Plain-C++ services for the CPU kernels: instruction-set dispatch, the
+// thread pool and per-thread scratch memory.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "flash_cpu.h"
+
+namespace flash_cpu {
+
+namespace {
+
+using ForwardFn = void (*)(const ForwardArgs&);
+
+struct Isa {
+  const char* name;
+  ForwardFn forward;
+};
+
+Isa detect_isa() {
+#if defined(FA_HAVE_X86_KERNELS)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return {"avx512", &avx512::forward};
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    return {"avx2", &avx2::forward};
+#endif
+  return {"generic", &generic::forward};
+}
+
+const Isa& isa() {
+  static const Isa chosen = detect_isa();
+  return chosen;
+}
+
+// A fixed pool of (cores - 1) workers; the calling thread works too. One
+// parallel_for at a time (MLX runs our primitive on its CPU stream thread);
+// the mutex makes concurrent callers take turns rather than interleave.
+class Pool {
+ public:
+  Pool() {
+    unsigned n = std::max(1u, std::thread::hardware_concurrency());
+    if (const char* env = std::getenv("MLX_FLASH_ATTN_NUM_THREADS"))
+      n = std::max(1, std::atoi(env));
+    for (unsigned i = 1; i < n; ++i) workers_.emplace_back([this] { loop(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+
+  void run(int64_t n, void (*fn)(void*, int64_t), void* ctx) {
+    std::lock_guard<std::mutex> caller(run_mu_);
+    if (workers_.empty() || n == 1) {
+      for (int64_t i = 0; i < n; ++i) fn(ctx, i);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      fn_ = fn;
+      ctx_ = ctx;
+      n_ = n;
+      next_.store(0);
+      active_ = int(workers_.size());
+      ++generation_;
+    }
+    cv_.notify_all();
+    work();
+    std::unique_lock<std::mutex> lk(mu_);
+    done_cv_.wait(lk, [this] { return active_ == 0; });
+  }
+
+ private:
+  void work() {
+    for (int64_t i; (i = next_.fetch_add(1)) < n_;) fn_(ctx_, i);
+  }
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+      }
+      work();
+      std::lock_guard<std::mutex> lk(mu_);
+      if (--active_ == 0) done_cv_.notify_one();
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex run_mu_, mu_;
+  std::condition_variable cv_, done_cv_;
+  void (*fn_)(void*, int64_t) = nullptr;
+  void* ctx_ = nullptr;
+  int64_t n_ = 0;
+  std::atomic<int64_t> next_{0};
+  int active_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+Pool& pool() {
+  // Leaked on purpose: joining threads from a static destructor at interpreter
+  // exit can deadlock.
+  static Pool* p = new Pool();
+  return *p;
+}
+
+} // namespace
+
+void forward(const ForwardArgs& args) {
+  isa().forward(args);
+}
+
+const char* isa_name() {
+  return isa().name;
+}
+
+void parallel_for(int64_t n, void (*fn)(void*, int64_t), void* ctx) {
+  pool().run(n, fn, ctx);
+}
+
+void* thread_scratch(size_t nbytes) {
+  struct Buf {
+    void* ptr = nullptr;
+    size_t size = 0;
+    ~Buf() { std::free(ptr); }
+  };
+  thread_local Buf buf;
+  if (buf.size < nbytes) {
+    std::free(buf.ptr);
+    buf.size = (nbytes + 63) / 64 * 64;
+    buf.ptr = std::aligned_alloc(64, buf.size);
+    if (!buf.ptr) throw std::bad_alloc();
+  }
+  return buf.ptr;
+}
+
+} // namespace flash_cpu

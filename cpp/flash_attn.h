@@ -1,0 +1,37 @@
+// Public C++ API of mlx-flash-attn, mirrored by the Python module.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "mlx/array.h"
+#include "mlx/utils.h"
+
+namespace mlx_flash_attn {
+
+namespace mx = mlx::core;
+
+struct AttentionOptions {
+  std::optional<float> scale;        // default 1 / sqrt(D)
+  std::string mask_mode;             // "" or "causal", as in mx.fast SDPA
+  std::optional<mx::array> mask;     // bool (True keeps) or additive
+  bool causal = false;               // bottom-right aligned
+  std::pair<int, int> window_size{-1, -1};
+  float softcap = 0.0f;
+  std::optional<mx::array> alibi_slopes; // (Hq,) or (B, Hq)
+  std::optional<mx::array> sinks;        // (Hq,) or (B, Hq)
+};
+
+// Fused attention softmax(q k^T * scale + biases) v over (B, H, L, D) arrays.
+// Returns {out (B, Hq, Lq, Dv), lse (B, Hq, Lq) float32}. Throws
+// std::invalid_argument naming the offending argument on bad input.
+std::vector<mx::array> attention(
+    const mx::array& q,
+    const mx::array& k,
+    const mx::array& v,
+    const AttentionOptions& opts,
+    mx::StreamOrDevice s = {});
+
+} // namespace mlx_flash_attn

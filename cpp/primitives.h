@@ -1,0 +1,58 @@
+// The FlashAttention primitive: compute only. Arguments are checked and the
+// FlashParams options decided in attention() (flash_attn.cpp); the primitive
+// carries them, fills in shapes and strides at eval time and runs a kernel.
+#pragma once
+
+#include "mlx/primitives.h"
+
+#include "flash_params.h"
+
+namespace mlx_flash_attn {
+
+namespace mx = mlx::core;
+
+// The options of one call: the FlashParams fields that do not depend on the
+// inputs' shapes and strides.
+struct AttnOptions {
+  float scale = 1.0f;
+  float softcap = 0.0f;
+  int window_left = -1;
+  int window_right = -1;
+  int mask_kind = FA_MASK_NONE;
+  bool has_alibi = false;
+  bool has_sinks = false;
+
+  bool operator==(const AttnOptions&) const = default;
+};
+
+// Inputs: q, k, v, then the optional mask (B, Hq, Lq, Lk view), ALiBi slopes
+// (B, Hq view) and sinks (B, Hq view), in that order, present per the options.
+// Outputs: out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32.
+class FlashAttention : public mx::Primitive {
+ public:
+  FlashAttention(mx::Stream stream, AttnOptions opts)
+      : mx::Primitive(stream), opts_(opts) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override;
+
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
+      const std::vector<mx::array>& inputs,
+      const std::vector<int>& axes) override;
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  bool is_equivalent(const mx::Primitive& other) const override;
+  const char* name() const override { return "FlashAttention"; }
+
+  const AttnOptions& options() const { return opts_; }
+
+ private:
+  AttnOptions opts_;
+};
+
+// Fills a FlashParams from the options and the evaluated inputs.
+FlashParams make_params(const AttnOptions& opts, const std::vector<mx::array>& inputs);
+
+} // namespace mlx_flash_attn

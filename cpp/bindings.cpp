@@ -44,6 +44,9 @@ NB_MODULE(_ext, m) {
       "stream"_a.none(),
       "Returns [out, lse]; see mlx_flash_attn.attention.");
 
+  m.def("_set_poison_outputs", &fa::set_poison_outputs, "on"_a,
+        "Test hook: fill outputs with NaN before every kernel run.");
+
   m.def("cpu_isa", &flash_cpu::isa_name,
         "The instruction set the CPU kernels use on this machine.");
 }

@@ -2,7 +2,9 @@
 // FlashAttention primitive's inputs and options; plus the primitive's
 // shape, equivalence, vmap and CPU evaluation.
 
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <sstream>
 #include <stdexcept>
 
@@ -64,6 +66,10 @@ mx::array per_head(const mx::array& a, const char* name, int B, int Hq, mx::Stre
 }
 
 } // namespace
+
+static std::atomic<bool> g_poison{false};
+void set_poison_outputs(bool on) { g_poison = on; }
+bool poison_outputs() { return g_poison; }
 
 std::vector<mx::array> attention(
     const mx::array& q,
@@ -233,8 +239,12 @@ void FlashAttention::eval_cpu(const std::vector<mx::array>& inputs,
   enc.set_output_array(out);
   enc.set_output_array(lse);
   // MLX keeps the input and output buffers alive until the task has run.
-  enc.dispatch([p, a]() mutable {
+  enc.dispatch([p, a, nout = out.nbytes(), nlse = lse.nbytes()]() mutable {
     a.p = &p;
+    if (poison_outputs()) { // tests: elements the kernel misses stay NaN
+      std::memset(a.out, 0xff, nout);
+      std::memset(a.lse, 0xff, nlse);
+    }
     flash_cpu::forward(a);
   });
 }

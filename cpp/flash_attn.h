@@ -34,4 +34,9 @@ std::vector<mx::array> attention(
     const AttentionOptions& opts,
     mx::StreamOrDevice s = {});
 
+// Test hook: when on, kernels' output buffers are filled with NaN bytes
+// before each run, so any element a kernel fails to write shows up.
+void set_poison_outputs(bool on);
+bool poison_outputs();
+
 } // namespace mlx_flash_attn

@@ -1,0 +1,184 @@
+"""Benchmark: mlx_flash_attn.attention against mx.fast.scaled_dot_product_attention
+and PyTorch's scaled_dot_product_attention, in one run.
+
+    python benchmarks/bench.py [--quick]      (or: python -m mlx_flash_attn.bench)
+
+Times are medians of repeated runs after warm-up, with the spread (min-max)
+of the runs; speed-ups are ratios of medians. GFLOP/s counts 4*B*H*Lq*Lk*D
+(halved for causal) forward, 2.5x that for forward+backward.
+"""
+
+import argparse
+import math
+import platform
+import time
+
+import mlx.core as mx
+import numpy as np
+
+import mlx_flash_attn as fa
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # the benchmark still runs, without the PyTorch column
+    torch = None
+
+# (name, B, H, Hk, Lq, Lk, D): the seed project's nine, then long sequences.
+SEED = [
+    ("256 tok", 1, 8, 8, 256, 256, 64),
+    ("512 tok", 1, 8, 8, 512, 512, 64),
+    ("1024 tok", 1, 8, 8, 1024, 1024, 64),
+    ("2048 tok", 1, 8, 8, 2048, 2048, 64),
+    ("384 d128", 1, 8, 8, 384, 384, 128),
+    ("768 d128", 1, 8, 8, 768, 768, 128),
+    ("B2 1024", 2, 8, 8, 1024, 1024, 64),
+    ("B8 1024", 8, 8, 8, 1024, 1024, 64),
+    ("4096 tok", 1, 8, 8, 4096, 4096, 64),
+]
+LONG = [
+    ("8k d128", 1, 8, 8, 8192, 8192, 128),
+    ("16k d128", 1, 8, 8, 16384, 16384, 128),
+]
+DECODE = [  # generation: one query against a long KV cache, GQA 32/8
+    ("dec 4k", 1, 32, 8, 1, 4096, 128),
+    ("dec 16k", 1, 32, 8, 1, 16384, 128),
+    ("dec 32k", 1, 32, 8, 1, 32768, 128),
+]
+QUICK = [SEED[0], SEED[2], SEED[5], DECODE[0]]
+
+# MLX's CPU attention runs at a few GFLOP/s here; beyond this many FLOPs
+# one call takes minutes, so its column is left out.
+MLX_MAX_FLOP = 2e11
+
+
+def timeit(fn, reps, warmup=2):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    ts = np.array(ts) * 1e3
+    return float(np.median(ts)), float(ts.min()), float(ts.max())
+
+
+def flops(B, H, Lq, Lk, D, causal):
+    f = 4.0 * B * H * Lq * Lk * D
+    if causal and Lq > 1:
+        f *= 0.5
+    return f
+
+
+def gemm_ceiling(dtype, n=2048):
+    """GFLOP/s of a square matmul in PyTorch: the machine's practical ceiling."""
+    if torch is None:
+        return float("nan")
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    med, _, _ = timeit(lambda: a @ b, reps=5)
+    return 2 * n**3 / med / 1e6
+
+
+def run_case(cfg, dtype, causal, reps, with_mlx):
+    name, B, H, Hk, Lq, Lk, D = cfg
+    rng = np.random.default_rng(0)
+    arrs = [rng.standard_normal(s).astype(np.float32) for s in
+            ((B, H, Lq, D), (B, Hk, Lk, D), (B, Hk, Lk, D))]
+    mdt = getattr(mx, dtype)
+    q, k, v = (mx.array(a).astype(mdt) for a in arrs)
+    mx.eval(q, k, v)
+    scale = 1.0 / math.sqrt(D)
+    mask = "causal" if causal else None
+
+    def ours():
+        mx.eval(fa.attention(q, k, v, scale=scale, causal=causal))
+
+    def mlx():
+        # mx.fast wants Hq == Hk on the CPU path for some versions; repeat K/V.
+        kk, vv = (k, v) if Hk == H else (mx.repeat(k, H // Hk, 1), mx.repeat(v, H // Hk, 1))
+        mx.eval(mx.fast.scaled_dot_product_attention(q, kk, vv, scale=scale, mask=mask))
+
+    results = {"ours": timeit(ours, reps)}
+    f = flops(B, H, Lq, Lk, D, causal)
+    if with_mlx and f <= MLX_MAX_FLOP:
+        results["mlx"] = timeit(mlx, max(2, reps // 2), warmup=1)
+    if torch is not None:
+        tdt = getattr(torch, dtype)
+        tq, tk, tv = (torch.from_numpy(a).to(tdt) for a in arrs)
+        gqa = Hk != H
+
+        def pt():
+            with torch.no_grad():
+                F.scaled_dot_product_attention(tq, tk, tv, scale=scale,
+                                               is_causal=causal and Lq > 1, enable_gqa=gqa)
+
+        results["torch"] = timeit(pt, reps)
+    return f, results
+
+
+def fmt_time(r):
+    if r is None:
+        return f"{'-':>17s}"
+    med, lo, hi = r
+    return f"{med:9.2f} ({hi - lo:5.2f})"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a few configurations, under a minute")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--no-mlx", action="store_true", help="skip MLX (slow on Linux CPUs)")
+    args = ap.parse_args(argv)
+
+    dtypes = args.dtypes.split(",")
+    reps = args.reps or (3 if args.quick else 7)
+    configs = QUICK if args.quick else SEED + LONG + DECODE
+    causals = [True] if args.quick else [False, True]
+
+    dev = mx.default_device()
+    print(f"device: {dev} ({'Metal GPU' if dev == mx.gpu else 'CPU'}; kernel isa: {fa.cpu_isa()}), "
+          f"{platform.machine()}, mlx {mx.__version__}, "
+          f"torch {torch.__version__ if torch else 'not installed'}")
+    if dev == mx.gpu:
+        print("note: the Metal kernels are not written yet; timing the CPU stream")
+        mx.set_default_device(mx.cpu)
+    ceilings = {dt: gemm_ceiling(getattr(torch, dt)) if torch else float("nan") for dt in dtypes
+                if dt != "float16"}
+    print("GEMM ceiling (PyTorch 2048^3 matmul): " +
+          ", ".join(f"{dt} {c:.0f} GFLOP/s" for dt, c in ceilings.items()))
+    print("times: median ms (max-min spread) over", reps, "runs")
+    head = (f"{'config':10s} {'dtype':8s} {'causal':6s} {'ours ms':>17s} {'mlx ms':>17s} "
+            f"{'torch ms':>17s} {'vs mlx':>7s} {'vs torch':>8s} {'GFLOP/s':>8s} {'of ceil':>7s}")
+    print(head)
+    print("-" * len(head))
+    speedups = {"mlx": [], "torch": []}
+    for dtype in dtypes:
+        for causal in causals:
+            for cfg in configs:
+                if cfg[4] == 1 and causal != causals[0]:
+                    continue  # decode: causal makes no difference with Lq = 1
+                f, r = run_case(cfg, dtype, causal, reps, not args.no_mlx)
+                ours = r["ours"][0]
+                vs = {}
+                for peer in ("mlx", "torch"):
+                    if peer in r:
+                        vs[peer] = r[peer][0] / ours
+                        speedups[peer].append(vs[peer])
+                gf = f / ours / 1e6
+                ceil = ceilings.get(dtype, float("nan"))
+                print(f"{cfg[0]:10s} {dtype:8s} {str(causal and cfg[4] > 1):6s} {fmt_time(r['ours'])} "
+                      f"{fmt_time(r.get('mlx'))} {fmt_time(r.get('torch'))} "
+                      f"{vs.get('mlx', float('nan')):6.1f}x {vs.get('torch', float('nan')):7.2f}x "
+                      f"{gf:8.1f} {100 * gf / ceil:6.0f}%")
+    for peer, xs in speedups.items():
+        if xs:
+            g = math.exp(np.mean(np.log(xs)))
+            print(f"geometric-mean speed-up vs {peer}: {g:.2f}x (min {min(xs):.2f}x, "
+                  f"over {len(xs)} cases)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Float64 NumPy reference of mlx_flash_attn.attention, and test helpers.
+
+The reference implements the API's rules directly, with dense L x L scores:
+softcap, then ALiBi, then masks and the causal/window limits (bottom-right
+aligned), then a softmax whose denominator may include a per-head sink logit.
+"""
+
+import mlx.core as mx
+import numpy as np
+
+# Largest allowed relative error, max|out - ref| / max|ref|, per input dtype.
+TOL = {mx.float32: 2e-5, mx.float16: 4e-3, mx.bfloat16: 3e-2}
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+
+
+def to64(x):
+    """An mx.array (any float dtype) as a float64 NumPy array."""
+    return np.array(x.astype(mx.float32), dtype=np.float64)
+
+
+def rand(rng, shape, dtype, scale=1.0):
+    """Fresh normal random data, already rounded to `dtype`."""
+    return mx.array(rng.standard_normal(shape).astype(np.float32) * scale).astype(dtype)
+
+
+def visible(Lq, Lk, causal=False, window_size=(-1, -1)):
+    """Boolean (Lq, Lk): which keys each query may see by position alone."""
+    i = np.arange(Lq)[:, None]
+    j = np.arange(Lk)[None, :]
+    diag = i + Lk - Lq
+    keep = np.ones((Lq, Lk), dtype=bool)
+    left, right = window_size
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if left >= 0:
+        keep &= j >= diag - left
+    if right >= 0:
+        keep &= j <= diag + right
+    return keep
+
+
+def reference(q, k, v, *, scale=None, mask=None, causal=False, window_size=(-1, -1),
+              softcap=0.0, alibi_slopes=None, sinks=None):
+    """Returns (out, lse) as float64 arrays; inputs are mx.arrays."""
+    q, k, v = to64(q), to64(k), to64(v)
+    B, Hq, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    k = np.repeat(k, Hq // Hk, axis=1)
+    v = np.repeat(v, Hq // Hk, axis=1)
+    scale = 1.0 / np.sqrt(D) if scale is None else scale
+    s = np.einsum("bhid,bhjd->bhij", q, k) * scale
+    if softcap > 0:
+        s = softcap * np.tanh(s / softcap)
+    i = np.arange(Lq)[:, None]
+    j = np.arange(Lk)[None, :]
+    if alibi_slopes is not None:
+        slopes = np.broadcast_to(to64(alibi_slopes), (B, Hq))
+        s = s - slopes[:, :, None, None] * np.abs(i + Lk - Lq - j)
+    keep = np.broadcast_to(visible(Lq, Lk, causal, window_size), s.shape).copy()
+    if isinstance(mask, str):
+        assert mask == "causal"
+        keep &= visible(Lq, Lk, causal=True)
+    elif mask is not None and mask.dtype == mx.bool_:
+        keep &= np.broadcast_to(np.array(mask), s.shape)
+    elif mask is not None:
+        s = s + np.broadcast_to(to64(mask), s.shape)
+    s = np.where(keep, s, -np.inf)
+    m = s.max(axis=-1, initial=-np.inf)
+    if sinks is not None:
+        sink = np.broadcast_to(to64(sinks), (B, Hq))[:, :, None]
+        m = np.maximum(m, sink)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m_safe[..., None])
+    l = p.sum(axis=-1)
+    if sinks is not None:
+        l = l + np.exp(sink - m_safe)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.einsum("bhij,bhjd->bhid", p, v) / l[..., None]
+        lse = m_safe + np.log(l)
+    out = np.where(l[..., None] > 0, out, 0.0)
+    lse = np.where(l > 0, lse, -np.inf)
+    return out, lse
+
+
+def rel_err(x, ref):
+    """max|x - ref| / max|ref| (NaN anywhere in x gives inf)."""
+    x = to64(x) if isinstance(x, mx.array) else x
+    if x.shape != ref.shape:
+        raise AssertionError(f"shape {x.shape} != reference shape {ref.shape}")
+    if not np.all(np.isfinite(x)):
+        return np.inf
+    denom = max(np.abs(ref).max(initial=0.0), 1e-6)
+    return np.abs(x - ref).max(initial=0.0) / denom
+
+
+def assert_close(x, ref, dtype, what="out"):
+    err = rel_err(x, ref)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:.1g} ({dtype})"
+
+
+def assert_lse_close(lse, ref, dtype=mx.float32):
+    """LSE: -inf exactly where the reference has it, else close in log space."""
+    lse = to64(lse)
+    assert lse.shape == ref.shape
+    inf = np.isneginf(ref)
+    assert np.array_equal(np.isneginf(lse), inf), "lse: -inf at the wrong rows"
+    fin = ~inf
+    assert np.all(np.isfinite(lse[fin])), "lse: non-finite values"
+    err = np.abs(lse[fin] - ref[fin]).max(initial=0.0) / max(np.abs(ref[fin]).max(initial=0.0), 1.0)
+    # LSE is always accumulated in float32, whatever the input dtype.
+    assert err <= 2e-5, f"lse: relative error {err:.3g}"

@@ -1,0 +1,243 @@
+"""Forward pass of mlx_flash_attn.attention against the float64 reference."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_flash_attn as fa
+from reference import DTYPES, assert_close, assert_lse_close, rand, reference, to64
+
+HEAD_DIMS = [32, 64, 80, 96, 128, 256]
+# (Lq, Lk): single query, not multiples of the 64-wide blocks, Lq != Lk both ways.
+LENGTHS = [(1, 1), (1, 77), (64, 64), (100, 130), (130, 100), (65, 200)]
+
+
+def run_and_check(rng, dtype, B=2, Hq=4, Hk=2, Lq=70, Lk=90, D=64, Dv=None, **opts):
+    Dv = D if Dv is None else Dv
+    q = rand(rng, (B, Hq, Lq, D), dtype)
+    k = rand(rng, (B, Hk, Lk, D), dtype)
+    v = rand(rng, (B, Hk, Lk, Dv), dtype)
+    out, lse = fa.attention(q, k, v, return_lse=True, **opts)
+    assert out.dtype == dtype and out.shape == (B, Hq, Lq, Dv)
+    assert lse.dtype == mx.float32 and lse.shape == (B, Hq, Lq)
+    ref, ref_lse = reference(q, k, v, **opts)
+    assert_close(out, ref, dtype)
+    assert_lse_close(lse, ref_lse)
+    return out, lse, ref, ref_lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("Lq,Lk", LENGTHS)
+def test_shapes(rng, dtype, D, Lq, Lk):
+    run_and_check(rng, dtype, B=1, Hq=2, Hk=2, Lq=Lq, Lk=Lk, D=D)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Lq,Lk", LENGTHS)
+def test_causal(rng, dtype, Lq, Lk):
+    run_and_check(rng, dtype, Lq=Lq, Lk=Lk, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "window", [(0, 0), (8, 0), (5, 3), (-1, 4), (16, -1), (70, 70), (200, 0)]
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_window(rng, dtype, window, causal):
+    run_and_check(rng, dtype, Lq=150, Lk=170, window_size=window, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Hq,Hk", [(8, 8), (8, 2), (8, 1), (6, 3)])
+def test_gqa(rng, dtype, Hq, Hk):
+    run_and_check(rng, dtype, Hq=Hq, Hk=Hk, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D,Dv", [(64, 32), (32, 128), (192, 128), (80, 256), (128, 7)])
+def test_dv_differs(rng, dtype, D, Dv):
+    run_and_check(rng, dtype, D=D, Dv=Dv, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("softcap", [1.0, 30.0])
+def test_softcap(rng, dtype, softcap):
+    # A large scale makes the cap bite.
+    run_and_check(rng, dtype, softcap=softcap, scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_alibi(rng, dtype, per_batch):
+    shape = (2, 4) if per_batch else (4,)
+    slopes = mx.array(rng.uniform(0.01, 0.5, shape).astype(np.float32))
+    run_and_check(rng, dtype, alibi_slopes=slopes, causal=per_batch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_sinks(rng, dtype, per_batch):
+    shape = (2, 4) if per_batch else (4,)
+    sinks = mx.array(rng.uniform(-2, 3, shape).astype(np.float32))
+    run_and_check(rng, dtype, sinks=sinks)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape", [(70, 90), (2, 1, 70, 90), (1, 4, 1, 90), (4, 70, 90), (90,)], ids=str
+)
+def test_bool_mask(rng, dtype, shape):
+    mask = mx.array(rng.random(shape) < 0.7)
+    run_and_check(rng, dtype, mask=mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_dtype", DTYPES, ids=str)
+def test_additive_mask(rng, dtype, mask_dtype):
+    m = rng.standard_normal((2, 4, 70, 90)).astype(np.float32)
+    m[rng.random(m.shape) < 0.2] = -np.inf
+    run_and_check(rng, dtype, mask=mx.array(m).astype(mask_dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_string_causal_mask(rng, dtype):
+    run_and_check(rng, dtype, Lq=50, Lk=120, mask="causal")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Lq,Lk", [(1, 300), (97, 97), (150, 70)])
+def test_everything_combined(rng, dtype, Lq, Lk):
+    mask = mx.array(rng.random((2, 1, Lq, Lk)) < 0.8)
+    run_and_check(
+        rng, dtype, B=2, Hq=6, Hk=2, Lq=Lq, Lk=Lk, D=80, Dv=96, scale=0.3, mask=mask,
+        causal=True, window_size=(40, 0), softcap=5.0,
+        alibi_slopes=mx.array(rng.uniform(0.0, 0.1, (6,)).astype(np.float32)),
+        sinks=mx.array(rng.uniform(-1, 1, (6,)).astype(np.float32)),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_additive_mask_with_window_softcap_alibi(rng, dtype):
+    m = mx.array(rng.standard_normal((1, 4, 80, 80)).astype(np.float32))
+    run_and_check(
+        rng, dtype, Lq=80, Lk=80, mask=m, window_size=(10, 10), softcap=3.0, scale=0.5,
+        alibi_slopes=mx.array(rng.uniform(0.0, 0.2, (2, 4)).astype(np.float32)),
+    )
+
+
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_rows_with_no_visible_key(rng, with_sinks):
+    """Lq > Lk causal leaves the first rows empty; a mask empties others."""
+    mask = np.ones((1, 1, 20, 10), dtype=bool)
+    mask[..., 15, :] = False
+    sinks = mx.array([0.5, -1.0]) if with_sinks else None
+    out, lse, ref, ref_lse = run_and_check(
+        rng, mx.float32, B=1, Hq=2, Hk=1, Lq=20, Lk=10, causal=True,
+        mask=mx.array(mask), sinks=sinks,
+    )
+    out, lse = np.array(out), np.array(lse)
+    empty = [*range(10), 15]
+    assert np.all(out[:, :, empty] == 0.0)
+    if with_sinks:
+        assert np.all(lse[:, :, empty] == np.array([0.5, -1.0])[None, :, None])
+    else:
+        assert np.all(np.isneginf(lse[:, :, empty]))
+    assert np.all(np.isfinite(out))
+
+
+def test_fully_masked_additive_rows(rng):
+    m = np.zeros((30, 40), dtype=np.float32)
+    m[3] = -np.inf
+    out, lse, *_ = run_and_check(rng, mx.float16, Lq=30, Lk=40, mask=mx.array(m))
+    assert np.all(np.array(out.astype(mx.float32))[:, :, 3] == 0)
+
+
+def test_empty_keys(rng):
+    out, lse, *_ = run_and_check(rng, mx.float32, Lq=5, Lk=0)
+    assert np.all(np.array(out) == 0) and np.all(np.isneginf(np.array(lse)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_sequence_many_blocks(rng, dtype):
+    run_and_check(rng, dtype, B=1, Hq=2, Hk=1, Lq=700, Lk=1000, D=128, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(rng, dtype):
+    """mlx-lm's (B, L, H, D) -> (B, H, L, D) transposes, slices, strided D."""
+    B, L, H, D = 2, 75, 4, 64
+    q = rand(rng, (B, L, H, D), dtype).transpose(0, 2, 1, 3)
+    kv = rand(rng, (B, 2 * L, 2, 2 * D), dtype)
+    k = kv[:, ::2, :, :D].transpose(0, 2, 1, 3)  # strided L, sliced D
+    v = kv[:, 1::2, :, ::2].transpose(0, 2, 1, 3)  # D stride 2
+    mask = mx.array(rng.random((L, L)) < 0.8).T  # transposed mask
+    for causal in (False, True):
+        out = fa.attention(q, k, v, causal=causal, mask=mask)
+        ref, _ = reference(q, k, v, causal=causal, mask=mask)
+        assert_close(out, ref, dtype)
+
+
+def test_matches_mlx_fast_sdpa(rng):
+    """Drop-in: the same call as mx.fast.scaled_dot_product_attention."""
+    q = rand(rng, (1, 8, 33, 64), mx.float32)
+    k = rand(rng, (1, 2, 47, 64), mx.float32)
+    v = rand(rng, (1, 2, 47, 64), mx.float32)
+    masks = [None, "causal", mx.array(rng.random((33, 47)) < 0.5),
+             mx.array(rng.standard_normal((1, 8, 33, 47)).astype(np.float32))]
+    sinks = mx.array(rng.standard_normal(8).astype(np.float32))
+    for mask in masks:
+        for s in (None, sinks):
+            ours = fa.attention(q, k, v, scale=0.2, mask=mask, sinks=s)
+            theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2, mask=mask, sinks=s)
+            np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=1e-4, atol=1e-5)
+
+
+def test_lazy_and_stream(rng):
+    q = rand(rng, (1, 2, 16, 32), mx.float32)
+    out = fa.attention(q, q, q, stream=mx.cpu)
+    assert isinstance(out, mx.array)
+    # Nothing ran yet: building the graph twice is cheap and identical.
+    out2 = fa.attention(q, q, q, stream=mx.cpu)
+    mx.eval(out, out2)
+    assert mx.array_equal(out, out2).item()
+    ref, _ = reference(q, q, q)
+    assert_close(out, ref, mx.float32)
+
+
+def test_compile(rng):
+    q, k, v = (rand(rng, (2, 4, 40, 64), mx.float32) for _ in range(3))
+
+    def f(q, k, v):
+        return fa.attention(q, k, v, causal=True) * 2.0 + fa.attention(q, k, v, causal=True)
+
+    out = mx.compile(f)(q, k, v)
+    ref, _ = reference(q, k, v, causal=True)
+    assert_close(out, 3.0 * ref, mx.float32)
+
+
+@pytest.mark.parametrize("in_axes", [(0, 0, 0), (1, None, None), (2, 0, None)])
+def test_vmap(rng, in_axes):
+    N, B, H, L, D = 3, 2, 4, 20, 32
+    shapes = {0: (N, B, H, L, D), 1: (B, N, H, L, D), 2: (B, H, N, L, D), None: (B, H, L, D)}
+    q, k, v = (rand(rng, shapes[a], mx.float32) for a in in_axes)
+    sinks = mx.array(rng.standard_normal(H).astype(np.float32))
+    f = mx.vmap(lambda q, k, v: fa.attention(q, k, v, causal=True, sinks=sinks), in_axes=in_axes)
+    out = f(q, k, v)
+    assert out.shape == (N, B, H, L, D)
+    for n in range(N):
+        take = lambda x, a: x if a is None else mx.take(x, n, axis=a)
+        ref, _ = reference(*(take(x, a) for x, a in zip((q, k, v), in_axes)), causal=True,
+                           sinks=sinks)
+        assert_close(out[n], ref, mx.float32)
+
+
+def test_return_types_round_trip(rng):
+    q = rand(rng, (1, 1, 3, 32), mx.bfloat16)
+    out = fa.attention(q, q, q)
+    assert isinstance(out, mx.array) and out.dtype == mx.bfloat16
+    out, lse = fa.attention(q, q, q, return_lse=True)
+    assert isinstance(lse, mx.array) and lse.dtype == mx.float32
+    # Outputs feed back into MLX ops and into the extension again.
+    again = fa.attention(out, out, out)
+    mx.eval(again + 1)

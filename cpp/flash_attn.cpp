@@ -2,7 +2,9 @@
 // FlashAttention primitive's inputs and options; plus the primitive's
 // shape, equivalence, vmap and CPU evaluation.
 
+#include <algorithm>
 #include <atomic>
+#include <functional>
 #include <cmath>
 #include <cstring>
 #include <sstream>
@@ -212,39 +214,63 @@ FlashParams make_params(const AttnOptions& opts, const std::vector<mx::array>& i
   return p;
 }
 
+int num_forward_inputs(const AttnOptions& opts) {
+  return 3 + (opts.mask_kind != FA_MASK_NONE) + opts.has_alibi + opts.has_sinks;
+}
+
+namespace {
+
+flash_cpu::DType kernel_dtype(mx::Dtype t) {
+  return t == mx::float32 ? flash_cpu::DType::f32
+         : t == mx::float16 ? flash_cpu::DType::f16
+                            : flash_cpu::DType::bf16;
+}
+
+// Kernel arguments for the forward inputs (p and the outputs left unset).
+flash_cpu::ForwardArgs forward_args(const AttnOptions& opts, const std::vector<mx::array>& in) {
+  flash_cpu::ForwardArgs a{};
+  a.dtype = kernel_dtype(in[0].dtype());
+  a.q = in[0].data<void>();
+  a.k = in[1].data<void>();
+  a.v = in[2].data<void>();
+  size_t next = 3;
+  if (opts.mask_kind != FA_MASK_NONE) a.mask = in[next++].data<void>();
+  if (opts.has_alibi) a.alibi = in[next++].data<float>();
+  if (opts.has_sinks) a.sinks = in[next++].data<float>();
+  return a;
+}
+
+// Allocates the outputs and registers the arrays with the CPU encoder, which
+// keeps their buffers alive until the dispatched task has run.
+mx::cpu::CommandEncoder& prepare(mx::Stream s, const std::vector<mx::array>& inputs,
+                                 std::vector<mx::array>& outputs) {
+  auto& enc = mx::cpu::get_command_encoder(s);
+  for (auto& x : inputs) enc.set_input_array(x);
+  for (auto& o : outputs) {
+    o.set_data(mx::allocator::malloc(o.nbytes()));
+    enc.set_output_array(o);
+  }
+  return enc;
+}
+
+// Test hook (see set_poison_outputs): NaN bytes in every output.
+void poison(const std::vector<std::pair<void*, size_t>>& bufs) {
+  if (poison_outputs())
+    for (auto [ptr, n] : bufs) std::memset(ptr, 0xff, n);
+}
+
+} // namespace
+
 void FlashAttention::eval_cpu(const std::vector<mx::array>& inputs,
                               std::vector<mx::array>& outputs) {
-  mx::array& out = outputs[0];
-  mx::array& lse = outputs[1];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  lse.set_data(mx::allocator::malloc(lse.nbytes()));
-
-  FlashParams p = make_params(opts_, inputs);
-  flash_cpu::ForwardArgs a{};
-  a.dtype = inputs[0].dtype() == mx::float32   ? flash_cpu::DType::f32
-            : inputs[0].dtype() == mx::float16 ? flash_cpu::DType::f16
-                                               : flash_cpu::DType::bf16;
-  a.q = inputs[0].data<void>();
-  a.k = inputs[1].data<void>();
-  a.v = inputs[2].data<void>();
-  size_t next = 3;
-  if (opts_.mask_kind != FA_MASK_NONE) a.mask = inputs[next++].data<void>();
-  if (opts_.has_alibi) a.alibi = inputs[next++].data<float>();
-  if (opts_.has_sinks) a.sinks = inputs[next++].data<float>();
-  a.out = out.data<void>();
-  a.lse = lse.data<float>();
-
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& x : inputs) enc.set_input_array(x);
-  enc.set_output_array(out);
-  enc.set_output_array(lse);
-  // MLX keeps the input and output buffers alive until the task has run.
-  enc.dispatch([p, a, nout = out.nbytes(), nlse = lse.nbytes()]() mutable {
+  auto& enc = prepare(stream(), inputs, outputs);
+  flash_cpu::ForwardArgs a = forward_args(opts_, inputs);
+  a.out = outputs[0].data<void>();
+  a.lse = outputs[1].data<float>();
+  enc.dispatch([p = make_params(opts_, inputs), a, nout = outputs[0].nbytes(),
+                nlse = outputs[1].nbytes()]() mutable {
     a.p = &p;
-    if (poison_outputs()) { // tests: elements the kernel misses stay NaN
-      std::memset(a.out, 0xff, nout);
-      std::memset(a.lse, 0xff, nlse);
-    }
+    poison({{a.out, nout}, {a.lse, nlse}});
     flash_cpu::forward(a);
   });
 }
@@ -265,42 +291,175 @@ bool FlashAttention::is_equivalent(const mx::Primitive& other) const {
   return opts_ == static_cast<const FlashAttention&>(other).opts_;
 }
 
-// vmap: fold the mapped axis into the batch axis. Every input has the batch
-// axis first (the mask, slopes and sinks are (B, ...) views), so the mapped
-// axis moves to the front, unmapped inputs are broadcast along it, and the
-// two leading axes merge.
-std::pair<std::vector<mx::array>, std::vector<int>> FlashAttention::vmap(
-    const std::vector<mx::array>& inputs, const std::vector<int>& axes) {
+// vmap: fold the mapped axis into the batch axis. Every input and output of
+// both primitives has the batch axis first (the mask, slopes and sinks are
+// (B, ...) views), so the mapped axis moves to the front, unmapped inputs are
+// broadcast along it, the two leading axes merge, and the outputs split again.
+static std::pair<std::vector<mx::array>, std::vector<int>> vmap_by_folding(
+    const std::vector<mx::array>& inputs, const std::vector<int>& axes, mx::Stream s,
+    const std::function<std::vector<mx::array>(std::vector<mx::array>)>& apply) {
   int n = 0;
   for (size_t i = 0; i < inputs.size(); ++i)
     if (axes[i] >= 0) n = inputs[i].shape(axes[i]);
-  const int B = [&] {
-    const auto& q = inputs[0];
-    return axes[0] >= 0 ? q.shape(axes[0] == 0 ? 1 : 0) : q.shape(0);
-  }();
+  const auto& q = inputs[0];
+  const int B = q.shape(axes[0] == 0 ? 1 : 0);
 
   std::vector<mx::array> folded;
   for (size_t i = 0; i < inputs.size(); ++i) {
-    mx::array x = axes[i] >= 0 ? mx::moveaxis(inputs[i], axes[i], 0, stream())
-                               : mx::expand_dims(inputs[i], 0, stream());
+    mx::array x = axes[i] >= 0 ? mx::moveaxis(inputs[i], axes[i], 0, s)
+                               : mx::expand_dims(inputs[i], 0, s);
     mx::Shape shape = x.shape();
     shape[0] = n;
-    x = mx::broadcast_to(x, shape, stream());
+    x = mx::broadcast_to(x, shape, s);
     mx::Shape merged(shape.begin() + 1, shape.end());
     merged[0] = n * B;
-    folded.push_back(mx::reshape(x, merged, stream()));
+    folded.push_back(mx::reshape(x, merged, s));
   }
-  auto outs = mx::array::make_arrays(
-      output_shapes(folded), {inputs[0].dtype(), mx::float32},
-      std::make_shared<FlashAttention>(stream(), opts_), folded);
   std::vector<mx::array> result;
-  for (auto& o : outs) {
+  for (auto& o : apply(std::move(folded))) {
     mx::Shape shape = o.shape();
     shape[0] = B;
     shape.insert(shape.begin(), n);
-    result.push_back(mx::reshape(o, shape, stream()));
+    result.push_back(mx::reshape(o, shape, s));
   }
-  return {result, {0, 0}};
+  return {result, std::vector<int>(result.size(), 0)};
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> FlashAttention::vmap(
+    const std::vector<mx::array>& inputs, const std::vector<int>& axes) {
+  return vmap_by_folding(inputs, axes, stream(), [&](std::vector<mx::array> in) {
+    auto shapes = output_shapes(in);
+    return mx::array::make_arrays(std::move(shapes), {in[0].dtype(), mx::float32},
+                                  std::make_shared<FlashAttention>(stream(), opts_),
+                                  std::move(in));
+  });
+}
+
+std::vector<mx::array> FlashAttention::jvp(
+    const std::vector<mx::array>&, const std::vector<mx::array>&, const std::vector<int>&) {
+  throw std::invalid_argument(
+      "[FlashAttention] jvp (forward-mode differentiation) is not implemented; "
+      "use mx.grad, mx.vjp or mx.value_and_grad.");
+}
+
+std::vector<mx::array> FlashAttention::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>& outputs) {
+  const int nfwd = num_forward_inputs(opts_);
+  const int mask_idx = opts_.mask_kind != FA_MASK_NONE ? 3 : -1;
+  const int alibi_idx = opts_.has_alibi ? 3 + (mask_idx >= 0) : -1;
+  const int sinks_idx = opts_.has_sinks ? nfwd - 1 : -1;
+  auto wanted = [&](int idx) {
+    return idx >= 0 && std::find(argnums.begin(), argnums.end(), idx) != argnums.end();
+  };
+  ExtraGrads extra;
+  extra.mask = opts_.mask_kind == FA_MASK_ADDITIVE && wanted(mask_idx);
+  extra.alibi = wanted(alibi_idx);
+  extra.sinks = wanted(sinks_idx);
+
+  std::vector<mx::array> inputs(primals.begin(), primals.end());
+  inputs.push_back(outputs[0]);
+  inputs.push_back(outputs[1]);
+  inputs.push_back(cotangents[0]);
+  inputs.push_back(cotangents.size() > 1 ? cotangents[1]
+                                         : mx::zeros_like(outputs[1], stream()));
+  auto prim = std::make_shared<FlashAttentionVJP>(stream(), opts_, extra);
+  auto grads = mx::array::make_arrays(prim->output_shapes(inputs), prim->output_dtypes(inputs),
+                                      prim, inputs);
+
+  std::vector<mx::array> result;
+  int next_extra = 3;
+  auto take_extra = [&](bool on) { return on ? grads[next_extra++] : mx::array(0.0f); };
+  mx::array dmask = take_extra(extra.mask);
+  mx::array dalibi = take_extra(extra.alibi);
+  mx::array dsinks = take_extra(extra.sinks);
+  for (int idx : argnums) {
+    if (idx < 3) result.push_back(grads[idx]);
+    else if (idx == mask_idx && extra.mask) result.push_back(dmask);
+    else if (idx == alibi_idx) result.push_back(dalibi);
+    else if (idx == sinks_idx) result.push_back(dsinks);
+    else result.push_back(mx::zeros_like(primals[idx], stream())); // a boolean mask
+  }
+  return result;
+}
+
+// ---------------------------------------------------------------------------
+// The backward primitive.
+// ---------------------------------------------------------------------------
+
+std::vector<mx::Shape> FlashAttentionVJP::output_shapes(const std::vector<mx::array>& in) {
+  const auto &q = in[0], &k = in[1], &v = in[2];
+  std::vector<mx::Shape> shapes = {q.shape(), k.shape(), v.shape()};
+  const mx::Shape bh = {q.shape(0), q.shape(1)};
+  if (extra_.mask) shapes.push_back({q.shape(0), q.shape(1), q.shape(2), k.shape(2)});
+  if (extra_.alibi) shapes.push_back(bh);
+  if (extra_.sinks) shapes.push_back(bh);
+  return shapes;
+}
+
+std::vector<mx::Dtype> FlashAttentionVJP::output_dtypes(const std::vector<mx::array>& in) const {
+  std::vector<mx::Dtype> dtypes(3 + extra_.mask + extra_.alibi + extra_.sinks, mx::float32);
+  dtypes[0] = dtypes[1] = dtypes[2] = in[0].dtype();
+  return dtypes;
+}
+
+bool FlashAttentionVJP::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const FlashAttentionVJP&>(other);
+  return opts_ == o.opts_ && extra_ == o.extra_;
+}
+
+void FlashAttentionVJP::eval_cpu(const std::vector<mx::array>& inputs,
+                                 std::vector<mx::array>& outputs) {
+  auto& enc = prepare(stream(), inputs, outputs);
+  const int nfwd = num_forward_inputs(opts_);
+  const mx::array &out = inputs[nfwd], &lse = inputs[nfwd + 1];
+  const mx::array &dout = inputs[nfwd + 2], &dlse = inputs[nfwd + 3];
+
+  FlashParams p = make_params(opts_, inputs);
+  for (int i = 0; i < 4; ++i) p.do_strides[i] = dout.strides()[i];
+  for (int i = 0; i < 3; ++i) p.dlse_strides[i] = dlse.strides()[i];
+  // out and lse come straight from the forward primitive: row-contiguous.
+
+  flash_cpu::BackwardArgs a{};
+  a.fwd = forward_args(opts_, inputs);
+  a.fwd.out = const_cast<void*>(static_cast<const void*>(out.data<char>()));
+  a.fwd.lse = const_cast<float*>(lse.data<float>());
+  a.dout = dout.data<void>();
+  a.dlse = dlse.data<float>();
+  a.dq = outputs[0].data<void>();
+  a.dk = outputs[1].data<void>();
+  a.dv = outputs[2].data<void>();
+  int next = 3;
+  if (extra_.mask) a.dmask = outputs[next++].data<float>();
+  if (extra_.alibi) a.dalibi = outputs[next++].data<float>();
+  if (extra_.sinks) a.dsinks = outputs[next++].data<float>();
+
+  std::vector<std::pair<void*, size_t>> bufs;
+  for (auto& o : outputs) bufs.emplace_back(o.data<void>(), o.nbytes());
+  enc.dispatch([p, a, bufs]() mutable {
+    a.fwd.p = &p;
+    poison(bufs);
+    flash_cpu::backward(a);
+  });
+}
+
+void FlashAttentionVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "[mlx_flash_attn.attention] the Metal (GPU) backward kernels are not available yet; "
+      "pass stream=mx.cpu to run on the CPU.");
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> FlashAttentionVJP::vmap(
+    const std::vector<mx::array>& inputs, const std::vector<int>& axes) {
+  return vmap_by_folding(inputs, axes, stream(), [&](std::vector<mx::array> in) {
+    auto shapes = output_shapes(in);
+    auto dtypes = output_dtypes(in);
+    return mx::array::make_arrays(std::move(shapes), std::move(dtypes),
+                                  std::make_shared<FlashAttentionVJP>(stream(), opts_, extra_),
+                                  std::move(in));
+  });
 }
 
 } // namespace mlx_flash_attn

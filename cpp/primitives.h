@@ -41,6 +41,15 @@ class FlashAttention : public mx::Primitive {
   std::pair<std::vector<mx::array>, std::vector<int>> vmap(
       const std::vector<mx::array>& inputs,
       const std::vector<int>& axes) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> jvp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& tangents,
+      const std::vector<int>& argnums) override;
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
   bool is_equivalent(const mx::Primitive& other) const override;
@@ -51,6 +60,45 @@ class FlashAttention : public mx::Primitive {
  private:
   AttnOptions opts_;
 };
+
+// Which gradients the backward pass produces besides dq, dk and dv.
+struct ExtraGrads {
+  bool mask = false;  // of an additive mask (B, Hq, Lq, Lk), float32
+  bool alibi = false; // of the ALiBi slopes (B, Hq), float32
+  bool sinks = false; // of the sinks (B, Hq), float32
+
+  bool operator==(const ExtraGrads&) const = default;
+};
+
+// The fused backward. Inputs: the forward's inputs, then out, lse, d_out,
+// d_lse. Outputs: dq, dk, dv, then the ExtraGrads that are on, in order.
+class FlashAttentionVJP : public mx::Primitive {
+ public:
+  FlashAttentionVJP(mx::Stream stream, AttnOptions opts, ExtraGrads extra)
+      : mx::Primitive(stream), opts_(opts), extra_(extra) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override;
+
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
+      const std::vector<mx::array>& inputs,
+      const std::vector<int>& axes) override;
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  bool is_equivalent(const mx::Primitive& other) const override;
+  const char* name() const override { return "FlashAttentionVJP"; }
+
+  std::vector<mx::Dtype> output_dtypes(const std::vector<mx::array>& inputs) const;
+
+ private:
+  AttnOptions opts_;
+  ExtraGrads extra_;
+};
+
+// Number of forward inputs (q, k, v and the optional ones) for the options.
+int num_forward_inputs(const AttnOptions& opts);
 
 // Fills a FlashParams from the options and the evaluated inputs.
 FlashParams make_params(const AttnOptions& opts, const std::vector<mx::array>& inputs);

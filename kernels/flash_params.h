@@ -34,6 +34,10 @@ struct FlashParams {
   fa_index_t mask_strides[4];
   fa_index_t alibi_strides[2];
   fa_index_t sinks_strides[2];
+  // Backward only: strides of the cotangents dO (B, Hq, Lq, Dv) and
+  // dLSE (B, Hq, Lq), which may be broadcast views.
+  fa_index_t do_strides[4];
+  fa_index_t dlse_strides[3];
 
   float scale;   // multiplies q.k
   float softcap; // > 0: s -> softcap * tanh(s / softcap); 0 disables

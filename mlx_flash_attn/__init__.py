@@ -8,7 +8,7 @@ import mlx.core as mx  # registers mx.array with nanobind before _ext loads
 
 from . import _ext
 
-__all__ = ["attention", "cpu_isa"]
+__all__ = ["attention", "cpu_isa", "patch_mlx_lm", "unpatch_mlx_lm", "patched_mlx_lm"]
 
 cpu_isa = _ext.cpu_isa
 
@@ -91,3 +91,15 @@ def attention(
         stream=stream,
     )
     return (out, lse) if return_lse else out
+
+
+_LM_PATCH_NAMES = ("patch_mlx_lm", "unpatch_mlx_lm", "patched_mlx_lm")
+
+
+def __getattr__(name):
+    # mlx-lm helpers load on first use, so importing this package never imports mlx_lm.
+    if name in _LM_PATCH_NAMES:
+        from . import lm_patch
+
+        return getattr(lm_patch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,8 +27,23 @@ struct ForwardArgs {
   float* lse;         // (B, Hq, Lq) contiguous, natural log
 };
 
+struct BackwardArgs {
+  ForwardArgs fwd;     // the forward's inputs; fwd.out and fwd.lse are its outputs
+  const void* dout;    // cotangent of out, strides p->do_strides, input dtype
+  const float* dlse;   // cotangent of lse, strides p->dlse_strides
+  void* dq;            // (B, Hq, Lq, D) contiguous, input dtype
+  void* dk;            // (B, Hk, Lk, D)
+  void* dv;            // (B, Hk, Lk, Dv)
+  float* dmask;        // (B, Hq, Lq, Lk) gradient of an additive mask, or null
+  float* dalibi;       // (B, Hq) gradient of the ALiBi slopes, or null
+  float* dsinks;       // (B, Hq) gradient of the sinks, or null
+};
+
 // Runs the forward pass with the best kernel this CPU supports.
 void forward(const ForwardArgs& args);
+
+// The FlashAttention-2 backward pass: recomputes P from Q, K and the LSE.
+void backward(const BackwardArgs& args);
 
 // Name of the instruction set forward() uses on this CPU ("avx512", ...).
 const char* isa_name();
@@ -43,9 +58,15 @@ void parallel_for(int64_t n, void (*fn)(void* ctx, int64_t i), void* ctx);
 // across calls on the same thread.
 void* thread_scratch(size_t nbytes);
 
-// One definition per instruction set, in flash_fwd.cpp.
-namespace avx512 { void forward(const ForwardArgs& args); }
-namespace avx2 { void forward(const ForwardArgs& args); }
-namespace generic { void forward(const ForwardArgs& args); }
+// One definition per instruction set, in flash_fwd.cpp and flash_bwd.cpp.
+#define FA_DECLARE_ISA(isa)                \
+  namespace isa {                          \
+  void forward(const ForwardArgs& args);   \
+  void backward(const BackwardArgs& args); \
+  }
+FA_DECLARE_ISA(avx512)
+FA_DECLARE_ISA(avx2)
+FA_DECLARE_ISA(generic)
+#undef FA_DECLARE_ISA
 
 } // namespace flash_cpu

@@ -16,11 +16,10 @@ namespace flash_cpu {
 
 namespace {
 
-using ForwardFn = void (*)(const ForwardArgs&);
-
 struct Isa {
   const char* name;
-  ForwardFn forward;
+  void (*forward)(const ForwardArgs&);
+  void (*backward)(const BackwardArgs&);
 };
 
 Isa detect_isa() {
@@ -28,12 +27,12 @@ Isa detect_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return {"avx512", &avx512::forward};
+    return {"avx512", &avx512::forward, &avx512::backward};
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c"))
-    return {"avx2", &avx2::forward};
+    return {"avx2", &avx2::forward, &avx2::backward};
 #endif
-  return {"generic", &generic::forward};
+  return {"generic", &generic::forward, &generic::backward};
 }
 
 const Isa& isa() {
@@ -124,6 +123,10 @@ Pool& pool() {
 
 void forward(const ForwardArgs& args) {
   isa().forward(args);
+}
+
+void backward(const BackwardArgs& args) {
+  isa().backward(args);
 }
 
 const char* isa_name() {

@@ -1,0 +1,320 @@
+// Building blocks shared by the CPU kernels (flash_fwd.cpp, flash_bwd.cpp):
+// tile shapes, 16-float vectors, element conversions, the two block GEMMs and
+// the score modifiers. Everything is in namespace flash_cpu::FA_ISA, so each
+// instruction-set build gets its own copy.
+#pragma once
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "flash_cpu.h"
+
+#ifndef FA_ISA
+#error "FA_ISA must name the instruction-set namespace"
+#endif
+
+namespace flash_cpu {
+namespace FA_ISA {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Tile shapes, in one place.
+// BK keys per block = 4 vectors of 16 floats, the width of one S row tile.
+// BQ queries per task: enough rows to amortise converting a K/V block to
+// float32, few enough that Q, S and O of one task stay in L2.
+// ROWS: query rows per register block of the two block GEMMs, bounded by the
+// vector register file (32 zmm on AVX-512, 16 ymm = 8 vf16 on AVX2).
+// ---------------------------------------------------------------------------
+constexpr int BK = 64;
+constexpr int BQ = 64;
+#if defined(__AVX512F__)
+constexpr int ROWS = 4;
+#else
+constexpr int ROWS = 2;
+#endif
+
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+inline vf16 load16(const float* p) {
+  vf16 v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store16(float* p, vf16 v) {
+  memcpy(p, &v, sizeof(v));
+}
+inline vf16 splat(float x) {
+  return vf16{} + x;
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^x for a vector, accurate to ~1 ulp of float32 over the range softmax
+// needs; exactly 0 below -126 (masked scores are -inf). Polynomial instead of
+// libm so it vectorises on every instruction set.
+inline vf16 exp2v(vf16 x) {
+  vf16 xc = x < -126.0f ? splat(-126.0f) : x;
+  xc = xc > 127.0f ? splat(127.0f) : xc;
+  const float magic = 12582912.0f; // 1.5 * 2^23: rounds to nearest integer
+  vf16 n = (xc + magic) - magic;
+  vf16 f = xc - n; // [-0.5, 0.5]
+  // Taylor series of 2^f = e^(f ln2) to degree 7: error < 1e-8 on [-.5, .5].
+  vf16 r = splat(1.5252733804059840e-5f);
+  r = r * f + 1.5403530393381608e-4f;
+  r = r * f + 1.3333558146428443e-3f;
+  r = r * f + 9.6181291076284772e-3f;
+  r = r * f + 5.5504108664821580e-2f;
+  r = r * f + 2.4022650695910071e-1f;
+  r = r * f + 6.9314718055994531e-1f;
+  r = r * f + 1.0f;
+  vi16 bits;
+  memcpy(&bits, &r, sizeof(bits));
+  bits += __builtin_convertvector(n, vi16) << 23;
+  vf16 out;
+  memcpy(&out, &bits, sizeof(out));
+  return x < -126.0f ? splat(0.0f) : out;
+}
+
+inline float hmax(vf16 v) {
+  float m = v[0];
+  for (int i = 1; i < 16; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+inline float hsum(vf16 v) {
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+// ---------------------------------------------------------------------------
+// Element types: float, and 16-bit floats kept as raw bits.
+// ---------------------------------------------------------------------------
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+inline float to_float(float x) { return x; }
+inline float to_float(bf16_t x) {
+  uint32_t u = uint32_t(x.bits) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_float(f16_t x) {
+#if defined(__F16C__)
+  return _cvtsh_ss(x.bits);
+#else
+  uint32_t sign = uint32_t(x.bits & 0x8000) << 16;
+  uint32_t exp = (x.bits >> 10) & 0x1f;
+  uint32_t man = x.bits & 0x3ff;
+  uint32_t u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else { // subnormal: renormalise
+    int e = -1;
+    do { man <<= 1; ++e; } while (!(man & 0x400));
+    u = sign | uint32_t(112 - e) << 23 | ((man & 0x3ff) << 13);
+  }
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+template <typename T>
+inline T from_float(float x);
+template <>
+inline float from_float<float>(float x) { return x; }
+template <>
+inline bf16_t from_float<bf16_t>(float x) { // round to nearest even
+  uint32_t u;
+  memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{uint16_t((u >> 16) | 0x40)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16_t{uint16_t(u >> 16)};
+}
+template <>
+inline f16_t from_float<f16_t>(float x) { // round to nearest even
+#if defined(__F16C__)
+  return f16_t{uint16_t(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT))};
+#else
+  uint32_t u;
+  memcpy(&u, &x, 4);
+  uint32_t sign = (u >> 16) & 0x8000u;
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return f16_t{uint16_t(sign | 0x7e00u)}; // NaN
+  if (a >= 0x477ff000u) return f16_t{uint16_t(sign | 0x7c00u)}; // overflow
+  if (a < 0x38800000u) { // subnormal or zero in half
+    float af;
+    memcpy(&af, &a, 4);
+    // Adding 0.5 aligns the half subnormal step (2^-24) to the float ulp,
+    // so the FPU's own round-to-nearest-even does the rounding.
+    float t = af + 0.5f;
+    uint32_t tu;
+    memcpy(&tu, &t, 4);
+    return f16_t{uint16_t(sign | (tu - 0x3f000000u))};
+  }
+  uint32_t odd = (a >> 13) & 1u;
+  a += 0xc8000fffu + odd; // rebias exponent (-112 << 23) and round
+  return f16_t{uint16_t(sign | (a >> 13))};
+#endif
+}
+
+// Reads n elements at src with element stride `stride` as float32 times mul.
+template <typename T>
+inline void load_row(const T* src, fa_index_t stride, int n, float mul, float* dst) {
+  if (stride == 1) {
+    for (int d = 0; d < n; ++d) dst[d] = to_float(src[d]) * mul;
+  } else {
+    for (int d = 0; d < n; ++d) dst[d] = to_float(src[d * stride]) * mul;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Block GEMMs.
+// ---------------------------------------------------------------------------
+
+// S[r][0:BK] = sum_d Q[r][d] * Kt[d][0:BK] for R rows.
+template <int R>
+inline void qk_rows(const float* q, int ldq, const float* kt, int D, float* s) {
+  vf16 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = vf16{};
+  for (int d = 0; d < D; ++d) {
+    const float* kd = kt + d * BK;
+    vf16 k0 = load16(kd), k1 = load16(kd + 16), k2 = load16(kd + 32), k3 = load16(kd + 48);
+    for (int r = 0; r < R; ++r) {
+      vf16 qb = splat(q[r * ldq + d]);
+      acc[r][0] += qb * k0;
+      acc[r][1] += qb * k1;
+      acc[r][2] += qb * k2;
+      acc[r][3] += qb * k3;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) store16(s + r * BK + c * 16, acc[r][c]);
+}
+
+// O[r][c0 : c0+16*NC] = alpha[r] * O[r][...] + sum_j P[r][j] * V[j][...]
+// (alpha = 1 when null). P has row stride ldp.
+template <int R, int NC>
+inline void pv_rows(const float* p, int ldp, const float* alpha, const float* v, int ldv,
+                    int nk, float* o, int ldo) {
+  vf16 acc[R][NC];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c)
+      acc[r][c] = load16(o + r * ldo + c * 16) * (alpha ? alpha[r] : 1.0f);
+  for (int j = 0; j < nk; ++j) {
+    vf16 vv[NC];
+    for (int c = 0; c < NC; ++c) vv[c] = load16(v + j * ldv + c * 16);
+    for (int r = 0; r < R; ++r) {
+      vf16 pb = splat(p[r * ldp + j]);
+      for (int c = 0; c < NC; ++c) acc[r][c] += pb * vv[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) store16(o + r * ldo + c * 16, acc[r][c]);
+}
+
+// pv_rows over all n columns of V and O (n a multiple of 16, the row stride
+// of both), in chunks of at most 64 columns to stay in registers.
+template <int R>
+inline void pv_block(const float* p, int ldp, const float* alpha, const float* v, int n,
+                     int nk, float* o) {
+  int c = 0;
+  for (; c + 64 <= n; c += 64) pv_rows<R, 4>(p, ldp, alpha, v + c, n, nk, o + c, n);
+  switch ((n - c) / 16) {
+    case 3: pv_rows<R, 3>(p, ldp, alpha, v + c, n, nk, o + c, n); break;
+    case 2: pv_rows<R, 2>(p, ldp, alpha, v + c, n, nk, o + c, n); break;
+    case 1: pv_rows<R, 1>(p, ldp, alpha, v + c, n, nk, o + c, n); break;
+    default: break;
+  }
+}
+
+// Runs a row-blocked kernel over n rows: full blocks of ROWS, then the tail.
+template <typename F>
+inline void for_row_blocks(int n, F&& f) {
+  int i = 0;
+  for (; i + ROWS <= n; i += ROWS) f.template operator()<ROWS>(i);
+  for (; i < n; ++i) f.template operator()<1>(i);
+}
+
+// ---------------------------------------------------------------------------
+// Score modifiers, applied in the API's order: softcap, then ALiBi, the mask
+// array and the causal/window limits.
+// ---------------------------------------------------------------------------
+
+inline void apply_softcap(const FlashParams& p, float* srow, int n) {
+  const float inv = 1.0f / p.softcap;
+  for (int j = 0; j < n; ++j) srow[j] = p.softcap * tanhf(srow[j] * inv);
+}
+
+// ALiBi, mask and window for row i of batch b, head h, keys [j0, j0 + nk);
+// columns [nk, BK) and every hidden key become -inf.
+inline void apply_bias_and_mask(const FlashParams& p, const void* mask, int b, int h, int i,
+                                long j0, int nk, float slope, float* srow) {
+  const long diag = long(i) + p.q_offset; // the key aligned with query i
+  if (p.has_alibi) {
+    for (int j = 0; j < nk; ++j) {
+      long dist = diag - (j0 + j);
+      srow[j] -= slope * float(dist < 0 ? -dist : dist);
+    }
+  }
+  if (p.mask_kind != FA_MASK_NONE) {
+    const fa_index_t base = b * p.mask_strides[0] + h * p.mask_strides[1] +
+                            i * p.mask_strides[2] + j0 * p.mask_strides[3];
+    const fa_index_t st = p.mask_strides[3];
+    if (p.mask_kind == FA_MASK_BOOL) {
+      const uint8_t* mk = static_cast<const uint8_t*>(mask) + base;
+      for (int j = 0; j < nk; ++j) srow[j] = mk[j * st] ? srow[j] : -INFINITY;
+    } else {
+      const float* mk = static_cast<const float*>(mask) + base;
+      for (int j = 0; j < nk; ++j) srow[j] += mk[j * st];
+    }
+  }
+  // Window limits relative to this block: keep columns [lo, hi).
+  long lo = 0, hi = nk;
+  if (p.window_left >= 0 && diag - p.window_left - j0 > lo) lo = diag - p.window_left - j0;
+  if (p.window_right >= 0 && diag + p.window_right + 1 - j0 < hi)
+    hi = diag + p.window_right + 1 - j0;
+  if (hi < lo) hi = lo;
+  for (long j = 0; j < lo && j < BK; ++j) srow[j] = -INFINITY;
+  for (long j = hi; j < BK; ++j) srow[j] = -INFINITY;
+}
+
+// Keys [*beg, *end) that some query in [i0, i1) may see under the window.
+inline void visible_keys(const FlashParams& p, int i0, int i1, long* beg, long* end) {
+  *beg = 0;
+  *end = p.Lk;
+  if (p.window_left >= 0 && long(i0) + p.q_offset - p.window_left > *beg)
+    *beg = long(i0) + p.q_offset - p.window_left;
+  if (p.window_right >= 0 && long(i1 - 1) + p.q_offset + p.window_right + 1 < *end)
+    *end = long(i1 - 1) + p.q_offset + p.window_right + 1;
+}
+
+// Queries [*beg, *end) that may see some key in [j0, j1) under the window.
+inline void visible_queries(const FlashParams& p, long j0, long j1, long* beg, long* end) {
+  *beg = 0;
+  *end = p.Lq;
+  if (p.window_right >= 0 && j0 - p.q_offset - p.window_right > *beg)
+    *beg = j0 - p.q_offset - p.window_right;
+  if (p.window_left >= 0 && j1 - 1 - p.q_offset + p.window_left + 1 < *end)
+    *end = j1 - 1 - p.q_offset + p.window_left + 1;
+}
+
+// The per-(batch, head) scalars of the ALiBi slopes and sinks inputs.
+inline float per_head(const float* x, const fa_index_t* strides, int b, int h) {
+  return x[b * strides[0] + h * strides[1]];
+}
+
+} // namespace
+} // namespace FA_ISA
+} // namespace flash_cpu

@@ -109,3 +109,49 @@ def assert_lse_close(lse, ref, dtype=mx.float32):
     err = np.abs(lse[fin] - ref[fin]).max(initial=0.0) / max(np.abs(ref[fin]).max(initial=0.0), 1.0)
     # LSE is always accumulated in float32, whatever the input dtype.
     assert err <= 2e-5, f"lse: relative error {err:.3g}"
+
+
+def torch_attention(q, k, v, *, scale=None, mask=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, sinks=None):
+    """The same rules as `reference`, on float64 torch tensors, differentiable
+    in q, k, v, an additive mask, the ALiBi slopes and the sinks. Returns
+    (out, lse)."""
+    import torch
+
+    B, Hq, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(Hq // Hk, 1)
+    v = v.repeat_interleave(Hq // Hk, 1)
+    scale = 1.0 / np.sqrt(D) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(Lq)[:, None]
+    j = torch.arange(Lk)[None, :]
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.expand(B, Hq)
+        s = s - slopes[:, :, None, None] * (i + Lk - Lq - j).abs()
+    keep = torch.from_numpy(visible(Lq, Lk, causal, window_size)).expand(s.shape)
+    if mask is not None and mask.dtype == torch.bool:
+        keep = keep & mask.expand(s.shape)
+    elif mask is not None:
+        s = s + mask
+    s = s.masked_fill(~keep, -np.inf)
+    if sinks is not None:
+        sink = sinks.expand(B, Hq)[:, :, None, None].expand(B, Hq, Lq, 1)
+        s = torch.cat([s, sink], dim=-1)
+    lse = torch.logsumexp(s, dim=-1)
+    # Rows with no visible key (lse = -inf) give 0, as the kernel does.
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(s - safe[..., None])
+    if sinks is not None:
+        p = p[..., :-1]
+    return p @ v, lse
+
+
+def to_torch(x):
+    import torch
+
+    if x.dtype == mx.bool_:
+        return torch.from_numpy(np.array(x))
+    return torch.from_numpy(to64(x)).requires_grad_(True)

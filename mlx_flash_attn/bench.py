@@ -64,11 +64,11 @@ def timeit(fn, reps, warmup=2):
     return float(np.median(ts)), float(ts.min()), float(ts.max())
 
 
-def flops(B, H, Lq, Lk, D, causal):
+def flops(B, H, Lq, Lk, D, causal, backward=False):
     f = 4.0 * B * H * Lq * Lk * D
     if causal and Lq > 1:
         f *= 0.5
-    return f
+    return f * 3.5 if backward else f
 
 
 def gemm_ceiling(dtype, n=2048):
@@ -81,40 +81,50 @@ def gemm_ceiling(dtype, n=2048):
     return 2 * n**3 / med / 1e6
 
 
-def run_case(cfg, dtype, causal, reps, with_mlx):
+def run_case(cfg, dtype, causal, backward, reps, with_mlx):
     name, B, H, Hk, Lq, Lk, D = cfg
     rng = np.random.default_rng(0)
     arrs = [rng.standard_normal(s).astype(np.float32) for s in
-            ((B, H, Lq, D), (B, Hk, Lk, D), (B, Hk, Lk, D))]
+            ((B, H, Lq, D), (B, Hk, Lk, D), (B, Hk, Lk, D), (B, H, Lq, D))]
     mdt = getattr(mx, dtype)
-    q, k, v = (mx.array(a).astype(mdt) for a in arrs)
-    mx.eval(q, k, v)
+    q, k, v, do = (mx.array(a).astype(mdt) for a in arrs)
+    mx.eval(q, k, v, do)
     scale = 1.0 / math.sqrt(D)
     mask = "causal" if causal else None
 
-    def ours():
-        mx.eval(fa.attention(q, k, v, scale=scale, causal=causal))
+    def mlx_sdpa(q, k, v):
+        # Repeat K/V for GQA: MLX's CPU fallback handles it the same way.
+        if Hk != H:
+            k, v = mx.repeat(k, H // Hk, 1), mx.repeat(v, H // Hk, 1)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
-    def mlx():
-        # mx.fast wants Hq == Hk on the CPU path for some versions; repeat K/V.
-        kk, vv = (k, v) if Hk == H else (mx.repeat(k, H // Hk, 1), mx.repeat(v, H // Hk, 1))
-        mx.eval(mx.fast.scaled_dot_product_attention(q, kk, vv, scale=scale, mask=mask))
+    def ours_fn(q, k, v):
+        return fa.attention(q, k, v, scale=scale, causal=causal)
 
-    results = {"ours": timeit(ours, reps)}
-    f = flops(B, H, Lq, Lk, D, causal)
+    def timed(fn):
+        if not backward:
+            return lambda: mx.eval(fn(q, k, v))
+        grad = mx.grad(lambda q, k, v: (fn(q, k, v) * do).sum(), argnums=(0, 1, 2))
+        return lambda: mx.eval(grad(q, k, v))
+
+    results = {"ours": timeit(timed(ours_fn), reps)}
+    f = flops(B, H, Lq, Lk, D, causal, backward)
     if with_mlx and f <= MLX_MAX_FLOP:
-        results["mlx"] = timeit(mlx, max(2, reps // 2), warmup=1)
+        results["mlx"] = timeit(timed(mlx_sdpa), max(2, reps // 2), warmup=1)
     if torch is not None:
         tdt = getattr(torch, dtype)
-        tq, tk, tv = (torch.from_numpy(a).to(tdt) for a in arrs)
-        gqa = Hk != H
+        tq, tk, tv, tdo = (torch.from_numpy(a).to(tdt) for a in arrs)
+        opts = dict(scale=scale, is_causal=causal and Lq > 1, enable_gqa=Hk != H)
 
         def pt():
             with torch.no_grad():
-                F.scaled_dot_product_attention(tq, tk, tv, scale=scale,
-                                               is_causal=causal and Lq > 1, enable_gqa=gqa)
+                F.scaled_dot_product_attention(tq, tk, tv, **opts)
 
-        results["torch"] = timeit(pt, reps)
+        def pt_bwd():
+            xs = [t.detach().requires_grad_(True) for t in (tq, tk, tv)]
+            F.scaled_dot_product_attention(*xs, **opts).backward(tdo)
+
+        results["torch"] = timeit(pt_bwd if backward else pt, reps)
     return f, results
 
 
@@ -131,6 +141,8 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-mlx", action="store_true", help="skip MLX (slow on Linux CPUs)")
+    ap.add_argument("--passes", default=None,
+                    help="fwd, fwd+bwd or both (default: both; --quick: fwd, plus one fwd+bwd)")
     args = ap.parse_args(argv)
 
     dtypes = args.dtypes.split(",")
@@ -150,34 +162,36 @@ def main(argv=None):
     print("GEMM ceiling (PyTorch 2048^3 matmul): " +
           ", ".join(f"{dt} {c:.0f} GFLOP/s" for dt, c in ceilings.items()))
     print("times: median ms (max-min spread) over", reps, "runs")
-    head = (f"{'config':10s} {'dtype':8s} {'causal':6s} {'ours ms':>17s} {'mlx ms':>17s} "
+    head = (f"{'config':10s} {'pass':7s} {'dtype':8s} {'causal':6s} {'ours ms':>17s} {'mlx ms':>17s} "
             f"{'torch ms':>17s} {'vs mlx':>7s} {'vs torch':>8s} {'GFLOP/s':>8s} {'of ceil':>7s}")
     print(head)
     print("-" * len(head))
-    speedups = {"mlx": [], "torch": []}
-    for dtype in dtypes:
-        for causal in causals:
-            for cfg in configs:
-                if cfg[4] == 1 and causal != causals[0]:
-                    continue  # decode: causal makes no difference with Lq = 1
-                f, r = run_case(cfg, dtype, causal, reps, not args.no_mlx)
-                ours = r["ours"][0]
-                vs = {}
-                for peer in ("mlx", "torch"):
-                    if peer in r:
-                        vs[peer] = r[peer][0] / ours
-                        speedups[peer].append(vs[peer])
-                gf = f / ours / 1e6
-                ceil = ceilings.get(dtype, float("nan"))
-                print(f"{cfg[0]:10s} {dtype:8s} {str(causal and cfg[4] > 1):6s} {fmt_time(r['ours'])} "
-                      f"{fmt_time(r.get('mlx'))} {fmt_time(r.get('torch'))} "
-                      f"{vs.get('mlx', float('nan')):6.1f}x {vs.get('torch', float('nan')):7.2f}x "
-                      f"{gf:8.1f} {100 * gf / ceil:6.0f}%")
-    for peer, xs in speedups.items():
-        if xs:
-            g = math.exp(np.mean(np.log(xs)))
-            print(f"geometric-mean speed-up vs {peer}: {g:.2f}x (min {min(xs):.2f}x, "
-                  f"over {len(xs)} cases)")
+    passes = (args.passes or ("fwd" if args.quick else "fwd,fwd+bwd")).split(",")
+    cases = [(ps, dtype, causal, cfg) for ps in passes for dtype in dtypes for causal in causals
+             for cfg in configs
+             # decode: causal makes no difference with Lq = 1; no backward.
+             if not (cfg[4] == 1 and (causal != causals[0] or ps != "fwd"))]
+    if args.quick and args.passes is None:
+        cases.append(("fwd+bwd", dtypes[0], True, SEED[2]))
+    speedups = {}
+    for ps, dtype, causal, cfg in cases:
+        f, r = run_case(cfg, dtype, causal, ps == "fwd+bwd", reps, not args.no_mlx)
+        ours = r["ours"][0]
+        vs = {}
+        for peer in ("mlx", "torch"):
+            if peer in r:
+                vs[peer] = r[peer][0] / ours
+                speedups.setdefault((peer, ps), []).append(vs[peer])
+        gf = f / ours / 1e6
+        ceil = ceilings.get(dtype, float("nan"))
+        print(f"{cfg[0]:10s} {ps:7s} {dtype:8s} {str(causal and cfg[4] > 1):6s} "
+              f"{fmt_time(r['ours'])} {fmt_time(r.get('mlx'))} {fmt_time(r.get('torch'))} "
+              f"{vs.get('mlx', float('nan')):6.1f}x {vs.get('torch', float('nan')):7.2f}x "
+              f"{gf:8.1f} {100 * gf / ceil:6.0f}%", flush=True)
+    for (peer, ps), xs in speedups.items():
+        g = math.exp(np.mean(np.log(xs)))
+        print(f"{ps:7s} geometric-mean speed-up vs {peer}: {g:.2f}x "
+              f"(min {min(xs):.2f}x, over {len(xs)} cases)")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import contextlib
 import importlib.abc
 import sys
 import threading
-from collections import OrderedDict
+import weakref
 
 import mlx.core as mx
 
@@ -73,22 +73,25 @@ def _kernel_can_run(q, k, v, stream=None):
     )
 
 
-# Masks made by create_causal_mask, by id, with their recipe. The array itself
-# is kept so that its id cannot be reused while the entry lives.
-_MASK_MEMORY = 64
-_masks = OrderedDict()
+# Masks made by create_causal_mask, by id, with their recipe. Weak references:
+# an entry goes when its array does, so no mask memory is held and a reused
+# id cannot match a stale entry.
+_masks = {}
 
 
 def _remember_mask(mask, recipe):
-    with _lock:
-        _masks[id(mask)] = (mask, recipe)
-        while len(_masks) > _MASK_MEMORY:
-            _masks.popitem(last=False)
+    key = id(mask)
+
+    def forget(ref):
+        if _masks.get(key, (None,))[0] is ref:
+            _masks.pop(key, None)
+
+    _masks[key] = (weakref.ref(mask, forget), recipe)
 
 
 def _recall_mask(mask):
     entry = _masks.get(id(mask))
-    if entry is not None and entry[0] is mask:
+    if entry is not None and entry[0]() is mask:
         return entry[1]
     return None
 

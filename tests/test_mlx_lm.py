@@ -1,6 +1,7 @@
 """mlx-lm integration: patch_mlx_lm() routes every model's attention through
 mlx_flash_attn.attention. Tiny random models built in code, float32."""
 
+import gc
 import importlib
 import subprocess
 import sys
@@ -293,6 +294,8 @@ def test_native_masks_used(monkeypatch):
     windowed = [s for s in seen if s[1] == (7, 0)]
     assert len(windowed) == 3 and all(c and m is None for c, _, m in windowed)
     assert all(m is None for _, _, m in seen)
+    gc.collect()
+    assert not lm_patch._masks  # the mask registry holds no arrays
 
 
 def originals():

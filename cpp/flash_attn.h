@@ -22,6 +22,11 @@ struct AttentionOptions {
   float softcap = 0.0f;
   std::optional<mx::array> alibi_slopes; // (Hq,) or (B, Hq)
   std::optional<mx::array> sinks;        // (Hq,) or (B, Hq)
+  float dropout_p = 0.0f;
+  std::optional<mx::array> key;          // mx.random.key; default: MLX's global state
+  std::optional<mx::array> q_lengths;    // (B,) valid rows of a padded batch
+  std::optional<mx::array> kv_lengths;   // (B,)
+  std::string padding_side = "right";    // where the padding of q/kv_lengths is
 };
 
 // Fused attention softmax(q k^T * scale + biases) v over (B, H, L, D) arrays.
@@ -31,6 +36,21 @@ std::vector<mx::array> attention(
     const mx::array& q,
     const mx::array& k,
     const mx::array& v,
+    const AttentionOptions& opts,
+    mx::StreamOrDevice s = {});
+
+// Packed variable-length sequences, FlashAttention's layout: q (total_q, Hq,
+// D), k (total_k, Hk, D), v (total_k, Hk, Dv); sequence b is rows
+// [cu_seqlens[b], cu_seqlens[b + 1]). Returns {out (total_q, Hq, Dv),
+// lse (Hq, total_q)}. Evaluates the cu_seqlens arrays to check them.
+std::vector<mx::array> attention_varlen(
+    const mx::array& q,
+    const mx::array& k,
+    const mx::array& v,
+    const mx::array& cu_seqlens_q,
+    const mx::array& cu_seqlens_k,
+    int max_seqlen_q,
+    int max_seqlen_k,
     const AttentionOptions& opts,
     mx::StreamOrDevice s = {});
 

@@ -21,12 +21,18 @@ struct AttnOptions {
   int mask_kind = FA_MASK_NONE;
   bool has_alibi = false;
   bool has_sinks = false;
+  bool has_seqs = false; // an int32 (B, 4) sequences input
+  bool packed = false;   // attention_varlen's layout (FlashParams::packed)
+  int max_rows_q = 0;
+  int max_rows_k = 0;
+  float dropout_p = 0.0f; // > 0: a uint32 (2,) key input
 
   bool operator==(const AttnOptions&) const = default;
 };
 
 // Inputs: q, k, v, then the optional mask (B, Hq, Lq, Lk view), ALiBi slopes
-// (B, Hq view) and sinks (B, Hq view), in that order, present per the options.
+// (B, Hq view), sinks (B, Hq view), sequences (B, 4) and dropout key (2,), in
+// that order, present per the options.
 // Outputs: out (B, Hq, Lq, Dv) in q's dtype, lse (B, Hq, Lq) float32.
 class FlashAttention : public mx::Primitive {
  public:
@@ -97,8 +103,15 @@ class FlashAttentionVJP : public mx::Primitive {
   ExtraGrads extra_;
 };
 
-// Number of forward inputs (q, k, v and the optional ones) for the options.
-int num_forward_inputs(const AttnOptions& opts);
+// Positions of the optional forward inputs (-1 when absent) and their count.
+struct InputIndex {
+  int mask = -1, alibi = -1, sinks = -1, seqs = -1, key = -1;
+  int count = 3;
+};
+InputIndex input_index(const AttnOptions& opts);
+
+// B of the FlashParams: the sequences when packed, else q's batch size.
+int batch_entries(const AttnOptions& opts, const std::vector<mx::array>& inputs);
 
 // Fills a FlashParams from the options and the evaluated inputs.
 FlashParams make_params(const AttnOptions& opts, const std::vector<mx::array>& inputs);

@@ -52,4 +52,20 @@ struct FlashParams {
   int mask_kind; // FA_MASK_*
   int has_alibi; // add -slope * |i + q_offset - j|
   int has_sinks; // one extra logit per (batch, head) in the softmax denominator
+
+  // Sequences. With has_seqs, an int32 (B, 4) input gives each batch entry
+  // {q_begin, q_len, k_begin, k_len}: its queries are rows [q_begin,
+  // q_begin + q_len) and its keys [k_begin, k_begin + k_len); alignment is
+  // bottom-right within the sequence; other rows of a padded batch see no key.
+  // packed (attention_varlen): every batch entry indexes one shared
+  // (H, total, D) buffer (batch strides 0, outputs too) and owns only its rows.
+  int has_seqs;
+  int packed;
+  int max_rows_q; // rows (keys) per batch entry the tasks cover: Lq (Lk), or the
+  int max_rows_k; // longest sequence when packed
+
+  // Dropout: a kept probability is scaled by 1 / (1 - p); which are kept is
+  // a hash of (seed, b, h, i, j), so the backward pass regenerates it.
+  float dropout_p;
+  unsigned int seed[2];
 };

@@ -34,21 +34,21 @@ struct Backward {
   const float* delta; // (B, Hq, Lq)
   float* partials;    // (B, Hq, nqb, 2): ALiBi and sink gradient sums per dQ task
 
-  const T* q_row(int b, int h, int i) const {
+  const T* q_row(int b, int h, long i) const {
     return static_cast<const T*>(a.fwd.q) + b * p.q_strides[0] + h * p.q_strides[1] +
            i * p.q_strides[2];
   }
-  const T* do_row(int b, int h, int i) const {
+  const T* do_row(int b, int h, long i) const {
     return static_cast<const T*>(a.dout) + b * p.do_strides[0] + h * p.do_strides[1] +
            i * p.do_strides[2];
   }
-  size_t row_index(int b, int h, int i) const { // into (B, Hq, Lq) arrays
-    return (size_t(b) * p.Hq + h) * p.Lq + i;
+  size_t row_index(int b, int h, long i) const { // into (B, Hq, Lq) arrays
+    return out_row(p, p.Hq, p.Lq, b, h, i);
   }
 
   // Queries [i0, i0 + nq) of head h: Q * scale (row stride Dp), dO (row
   // stride dvp), zero-padded, and their LSE and Delta.
-  void load_queries(int b, int h, int i0, int nq, float* qf, float* dof, float* lse,
+  void load_queries(int b, int h, long i0, int nq, float* qf, float* dof, float* lse,
                     float* del) const {
     const int D = p.D, Dv = p.Dv, Dp = pad16(D), dvp = pad16(Dv);
     for (int i = 0; i < nq; ++i) {
@@ -88,7 +88,8 @@ struct Backward {
   // S = Qs K^T and dP = dO V^T for one (query block, key block) pair, then
   // S -> P and dP -> dS (the gradient of the score after softcap, i.e. of
   // the biases and additive mask). cap keeps the capped scores for tanh'.
-  void scores(int b, int h, int i0, int nq, long j0, int nk, float slope, const float* qf,
+  void scores(const Seq& sq, int b, int h, long i0, int nq, long j0, int nk, float slope,
+              const float* qf,
               const float* dof, const float* kt, const float* vt, const float* lse,
               const float* del, float* s, float* dp, float* cap) const {
     const int Dp = pad16(p.D), dvp = pad16(p.Dv);
@@ -104,17 +105,31 @@ struct Backward {
         apply_softcap(p, srow, nk);
         memcpy(cap + i * BK, srow, sizeof(float) * BK);
       }
-      apply_bias_and_mask(p, a.fwd.mask, b, h, i0 + i, j0, nk, slope, srow);
+      apply_bias_and_mask(p, sq, a.fwd.mask, b, h, i0 + i, j0, nk, slope, srow);
       if (lse[i] == -INFINITY) { // the row saw no key: P = 0
         memset(srow, 0, sizeof(float) * BK);
         memset(dprow, 0, sizeof(float) * BK);
         continue;
       }
+      // With dropout (multipliers z): O = (P z) V, so dV uses P z, and
+      // dS = P (dP z - Delta). Without, z = 1.
+      float z[BK];
+      if (p.dropout_p > 0.0f) {
+        for (int j = 0; j < BK; ++j) z[j] = 1.0f;
+        dropout_row(p, b, h, i0 + i, j0, nk, z);
+      }
       const vf16 m = splat(lse[i] * kLog2e), dl = splat(del[i]);
       for (int c = 0; c < BK; c += 16) {
         vf16 pr = exp2v(load16(srow + c) * l2e - m);
-        store16(srow + c, pr);
-        store16(dprow + c, pr * (load16(dprow + c) - dl));
+        vf16 dpr = load16(dprow + c);
+        if (p.dropout_p > 0.0f) {
+          const vf16 zc = load16(z + c);
+          store16(dprow + c, pr * (dpr * zc - dl));
+          store16(srow + c, pr * zc);
+        } else {
+          store16(dprow + c, pr * (dpr - dl));
+          store16(srow + c, pr);
+        }
       }
     }
   }
@@ -129,10 +144,13 @@ struct Backward {
       }
   }
 
-  // --- dQ pass: queries [i0, i0 + BQ) of head h in batch b. ---
+  // --- dQ pass: query block qb of head h in batch b. ---
   void dq_task(int b, int h, int qb) const {
-    const int i0 = qb * BQ;
-    const int nq = p.Lq - i0 < BQ ? p.Lq - i0 : BQ;
+    const Seq sq = seq_of(p, a.fwd.seqs, b);
+    const long i0 = sq.rows_begin + long(qb) * BQ;
+    const long rows_end = p.packed ? sq.q0 + sq.nq : p.Lq;
+    if (i0 >= rows_end) return; // past a short packed sequence
+    const int nq = rows_end - i0 < BQ ? int(rows_end - i0) : BQ;
     const int hk = h / p.gqa_ratio;
     const int D = p.D, Dp = pad16(D), dvp = pad16(p.Dv);
     size_t nfloat = size_t(BQ) * (2 * Dp + dvp + 3 * BK + 2) + size_t(BK) * (D + p.Dv + Dp);
@@ -156,16 +174,16 @@ struct Backward {
     double dslope = 0.0;
 
     long kbeg, kend;
-    visible_keys(p, i0, i0 + nq, &kbeg, &kend);
+    visible_keys(p, sq, i0, i0 + nq, &kbeg, &kend);
     for (long j0 = kbeg; j0 < kend; j0 += BK) {
       const int nk = kend - j0 < BK ? int(kend - j0) : BK;
       load_keys(b, hk, j0, nk, kt, vt, km);
-      scores(b, h, i0, nq, j0, nk, slope, qf, dof, kt, vt, lse, del, s, dp, cap);
+      scores(sq, b, h, i0, nq, j0, nk, slope, qf, dof, kt, vt, lse, del, s, dp, cap);
       for (int i = 0; i < nq; ++i) {
         const float* dsrow = dp + i * BK;
         if (a.dmask) memcpy(a.dmask + row_index(b, h, i0 + i) * p.Lk + j0, dsrow, sizeof(float) * nk);
         if (a.dalibi) {
-          const long diag = long(i0 + i) + p.q_offset;
+          const long diag = i0 + i + sq.shift;
           for (int j = 0; j < nk; ++j) {
             const long dist = diag - (j0 + j);
             dslope -= double(dsrow[j]) * double(dist < 0 ? -dist : dist);
@@ -187,16 +205,19 @@ struct Backward {
       const float sink = per_head(a.fwd.sinks, p.sinks_strides, b, h);
       for (int i = 0; i < nq; ++i) dsink -= double(expf(sink - lse[i])) * del[i];
     }
-    const int nqb = (p.Lq + BQ - 1) / BQ;
+    const int nqb = (p.max_rows_q + BQ - 1) / BQ;
     float* part = partials + 2 * (size_t(b * p.Hq + h) * nqb + qb);
     part[0] = float(dslope);
     part[1] = float(dsink);
   }
 
-  // --- dK/dV pass: keys [j0, j0 + BK) of kv head hk in batch b. ---
+  // --- dK/dV pass: key block kb of kv head hk in batch b. ---
   void dkv_task(int b, int hk, int kb) const {
-    const long j0 = long(kb) * BK;
-    const int nk = p.Lk - j0 < BK ? int(p.Lk - j0) : BK;
+    const Seq sq = seq_of(p, a.fwd.seqs, b);
+    const long j0 = (p.packed ? sq.k0 : 0) + long(kb) * BK;
+    const long rows_end = p.packed ? sq.k0 + sq.nk : p.Lk;
+    if (j0 >= rows_end) return;
+    const int nk = rows_end - j0 < BK ? int(rows_end - j0) : BK;
     const int D = p.D, Dv = p.Dv, Dp = pad16(D), dvp = pad16(Dv);
     size_t nfloat = size_t(BK) * (D + Dv + Dp + dvp + 2 * BQ) +
                     size_t(BQ) * (Dp + dvp + 3 * BK + 2);
@@ -218,13 +239,13 @@ struct Backward {
     memset(dka, 0, sizeof(float) * BK * Dp);
     memset(dva, 0, sizeof(float) * BK * dvp);
     long qbeg, qend;
-    visible_queries(p, j0, j0 + nk, &qbeg, &qend);
+    visible_queries(p, sq, j0, j0 + nk, &qbeg, &qend);
     for (int h = hk * p.gqa_ratio; h < (hk + 1) * p.gqa_ratio; ++h) {
       const float slope = p.has_alibi ? per_head(a.fwd.alibi, p.alibi_strides, b, h) : 0.0f;
       for (long i0 = qbeg; i0 < qend; i0 += BQ) {
         const int nq = qend - i0 < BQ ? int(qend - i0) : BQ;
-        load_queries(b, h, int(i0), nq, qf, dof, lse, del);
-        scores(b, h, int(i0), nq, j0, nk, slope, qf, dof, kt, vt, lse, del, s, dp, cap);
+        load_queries(b, h, i0, nq, qf, dof, lse, del);
+        scores(sq, b, h, i0, nq, j0, nk, slope, qf, dof, kt, vt, lse, del, s, dp, cap);
         if (p.softcap > 0.0f) softcap_chain(nq, dp, cap);
         for (int i = 0; i < nq; ++i)
           for (int j = 0; j < nk; ++j) {
@@ -237,7 +258,7 @@ struct Backward {
         });
       }
     }
-    const size_t kv_row = (size_t(b) * p.Hk + hk) * p.Lk + j0;
+    const size_t kv_row = out_row(p, p.Hk, p.Lk, b, hk, j0);
     T* dk = static_cast<T*>(a.dk) + kv_row * D;
     T* dv = static_cast<T*>(a.dv) + kv_row * Dv;
     for (int j = 0; j < nk; ++j) {
@@ -246,19 +267,18 @@ struct Backward {
     }
   }
 
-  // Delta = rowsum(dO * O) - dLSE for the rows of (batch, head) bh.
-  static void delta_rows(const BackwardArgs& a, const FlashParams& p, int64_t bh, float* delta) {
-    const int b = int(bh / p.Hq), h = int(bh % p.Hq);
-    const T* o = static_cast<const T*>(a.fwd.out) + size_t(bh) * p.Lq * p.Dv;
-    const T* dout = static_cast<const T*>(a.dout) + b * p.do_strides[0] + h * p.do_strides[1];
-    for (int i = 0; i < p.Lq; ++i) {
+  // Delta = rowsum(dO * O) - dLSE for the rows of batch b, head h.
+  void delta_rows(int b, int h, float* out) const {
+    const Seq sq = seq_of(p, a.fwd.seqs, b);
+    const long rows_end = p.packed ? sq.q0 + sq.nq : p.Lq;
+    for (long i = sq.rows_begin; i < rows_end; ++i) {
+      const T* o = static_cast<const T*>(a.fwd.out) + row_index(b, h, i) * p.Dv;
+      const T* dorow = do_row(b, h, i);
       float acc = 0.0f;
-      const T* dorow = dout + i * p.do_strides[2];
-      for (int d = 0; d < p.Dv; ++d)
-        acc += to_float(dorow[d * p.do_strides[3]]) * to_float(o[size_t(i) * p.Dv + d]);
+      for (int d = 0; d < p.Dv; ++d) acc += to_float(dorow[d * p.do_strides[3]]) * to_float(o[d]);
       const float dl = a.dlse[b * p.dlse_strides[0] + h * p.dlse_strides[1] +
                               i * p.dlse_strides[2]];
-      delta[size_t(bh) * p.Lq + i] = acc - dl;
+      out[row_index(b, h, i)] = acc - dl;
     }
   }
 };
@@ -272,13 +292,13 @@ void parallel(int64_t n, const F& f) {
 template <typename T>
 void run_backward(const BackwardArgs& a) {
   const FlashParams& p = *a.fwd.p;
-  const int nqb = (p.Lq + BQ - 1) / BQ, nkb = (p.Lk + BK - 1) / BK;
+  const int nqb = (p.max_rows_q + BQ - 1) / BQ, nkb = (p.max_rows_k + BK - 1) / BK;
   const int64_t nbh = int64_t(p.B) * p.Hq;
   float* delta = static_cast<float*>(malloc(sizeof(float) * (nbh * p.Lq + 2 * nbh * nqb + 1)));
   if (!delta) throw std::bad_alloc();
   Backward<T> bw{a, p, delta, delta + nbh * p.Lq};
 
-  parallel(nbh, [&](int64_t bh) { Backward<T>::delta_rows(a, p, bh, delta); });
+  parallel(nbh, [&](int64_t bh) { bw.delta_rows(int(bh / p.Hq), int(bh % p.Hq), delta); });
   // Last query blocks first: under causal masks they see the most keys.
   parallel(nbh * nqb, [&](int64_t t) {
     const int64_t bh = t / nqb;

@@ -23,6 +23,7 @@ struct ForwardArgs {
   const void* mask;   // uint8 (bool) or float32, per p->mask_kind; else null
   const float* alibi; // slopes, when p->has_alibi
   const float* sinks; // sink logits, when p->has_sinks
+  const int32_t* seqs; // (B, 4) sequences, when p->has_seqs
   void* out;          // (B, Hq, Lq, Dv) contiguous, input dtype
   float* lse;         // (B, Hq, Lq) contiguous, natural log
 };

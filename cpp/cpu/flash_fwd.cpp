@@ -19,22 +19,26 @@ namespace FA_ISA {
 namespace {
 
 // ---------------------------------------------------------------------------
-// One task: queries [i0, i0 + nq) of head h in batch b.
+// One task: query block qb of head h in batch b.
 // ---------------------------------------------------------------------------
 template <typename T>
 struct Task {
   const ForwardArgs& a;
   const FlashParams& p;
 
-  void run(int b, int h, int i0) const {
-    const int nq = p.Lq - i0 < BQ ? p.Lq - i0 : BQ;
+  void run(int b, int h, int qb) const {
+    const Seq sq = seq_of(p, a.seqs, b);
+    const long i0 = sq.rows_begin + long(qb) * BQ;
+    const long rows_end = p.packed ? sq.q0 + sq.nq : p.Lq;
+    if (i0 >= rows_end) return; // past a short packed sequence
+    const int nq = rows_end - i0 < BQ ? int(rows_end - i0) : BQ;
     const int hk = h / p.gqa_ratio;
     const int D = p.D, Dv = p.Dv;
     const int dvp = (Dv + 15) / 16 * 16;
 
     // Keys any row of this block can see; rows narrow it further below.
     long kbeg, kend;
-    visible_keys(p, i0, i0 + nq, &kbeg, &kend);
+    visible_keys(p, sq, i0, i0 + nq, &kbeg, &kend);
 
     // Scratch: Q (scaled), K^T block, V block, S/P block, O accumulator, m, l.
     size_t nfloat = size_t(BQ) * D + size_t(D) * BK + size_t(BK) * dvp + size_t(BQ) * BK +
@@ -72,10 +76,13 @@ struct Task {
 
       for (int i = 0; i < nq; ++i) {
         if (p.softcap > 0.0f) apply_softcap(p, s + i * BK, nk);
-        apply_bias_and_mask(p, a.mask, b, h, i0 + i, j0, nk, slope, s + i * BK);
+        apply_bias_and_mask(p, sq, a.mask, b, h, i0 + i, j0, nk, slope, s + i * BK);
       }
 
       softmax_update(nq, nk, s, m, l, alpha);
+      // Dropout after the running sum: l normalises the undropped softmax.
+      if (p.dropout_p > 0.0f)
+        for (int i = 0; i < nq; ++i) dropout_row(p, b, h, i0 + i, j0, nk, s + i * BK);
       for_row_blocks(nq, [&]<int R>(int i) {
         pv_block<R>(s + i * BK, BK, alpha + i, vf, dvp, nk, o + i * dvp);
       });
@@ -135,10 +142,10 @@ struct Task {
 
   // Folds in the sink logit, normalises and writes O and the natural-log LSE.
   // A row that saw no key gets zeros and lse = -inf (or the sink logit).
-  void finish(int b, int h, int i0, int nq, float* o, float* m, float* l, int dvp) const {
+  void finish(int b, int h, long i0, int nq, float* o, float* m, float* l, int dvp) const {
     const int Dv = p.Dv;
-    T* out = static_cast<T*>(a.out) + ((size_t(b) * p.Hq + h) * p.Lq + i0) * Dv;
-    float* lse = a.lse + (size_t(b) * p.Hq + h) * p.Lq + i0;
+    T* out = static_cast<T*>(a.out) + out_row(p, p.Hq, p.Lq, b, h, i0) * Dv;
+    float* lse = a.lse + out_row(p, p.Hq, p.Lq, b, h, i0);
     const float sink = p.has_sinks ? per_head(a.sinks, p.sinks_strides, b, h) : 0.0f;
     for (int i = 0; i < nq; ++i) {
       float mi = m[i], li = l[i], corr = 1.0f;
@@ -158,7 +165,7 @@ struct Task {
 template <typename T>
 void run_all(const ForwardArgs& a) {
   const FlashParams& p = *a.p;
-  const int nqb = (p.Lq + BQ - 1) / BQ;
+  const int nqb = (p.max_rows_q + BQ - 1) / BQ;
   const int64_t ntasks = int64_t(p.B) * p.Hq * nqb;
   if (ntasks == 0) return;
   Task<T> task{a, p};
@@ -169,7 +176,7 @@ void run_all(const ForwardArgs& a) {
     const Ctx& x = *static_cast<const Ctx*>(c);
     const int qb = x.nqb - 1 - int(t % x.nqb);
     const int64_t bh = t / x.nqb;
-    x.t->run(int(bh / x.Hq), int(bh % x.Hq), qb * BQ);
+    x.t->run(int(bh / x.Hq), int(bh % x.Hq), qb);
   }, &ctx);
 }
 

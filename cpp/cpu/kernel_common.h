@@ -257,11 +257,52 @@ inline void apply_softcap(const FlashParams& p, float* srow, int n) {
   for (int j = 0; j < n; ++j) srow[j] = p.softcap * tanhf(srow[j] * inv);
 }
 
+// One batch entry's sequence (see FlashParams::has_seqs): its query rows
+// [q0, q0 + nq), key rows [k0, k0 + nk), and shift = the key aligned with
+// query row i is i + shift. rows_begin: the first row its tasks cover.
+struct Seq {
+  long q0, nq, k0, nk, shift, rows_begin;
+};
+
+inline Seq seq_of(const FlashParams& p, const int32_t* seqs, int b) {
+  if (!p.has_seqs) return {0, p.Lq, 0, p.Lk, p.q_offset, 0};
+  const int32_t* x = seqs + 4 * b;
+  // Padded batches: lengths beyond the arrays are clamped to them.
+  long nq = x[1] < 0 ? 0 : x[1] > p.Lq - x[0] ? p.Lq - x[0] : x[1];
+  long nk = x[3] < 0 ? 0 : x[3] > p.Lk - x[2] ? p.Lk - x[2] : x[3];
+  return {x[0], nq, x[2], nk, (x[2] - x[0]) + (nk - nq), p.packed ? long(x[0]) : 0};
+}
+
+// Where batch entry b, head h, row i lives in a row-contiguous (B, H, L, n)
+// output of L rows per head (packed: one (H, L, n) buffer shared by all b).
+inline size_t out_row(const FlashParams& p, int H, long L, int b, int h, long i) {
+  return (size_t(p.packed ? 0 : b) * H + h) * L + i;
+}
+
+// The dropout multiplier of score (b, h, i, j): 0 or 1 / (1 - p). A
+// counter-based hash (SplitMix64's finaliser over the element's index and
+// the key), so any pass and any backend regenerates the same mask.
+inline uint64_t mix64(uint64_t x) {
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+inline void dropout_row(const FlashParams& p, int b, int h, long i, long j0, int n, float* row) {
+  const uint64_t key = mix64((uint64_t(p.seed[1]) << 32) | p.seed[0]);
+  const uint64_t base = ((uint64_t(b) * p.Hq + h) * uint64_t(p.Lq) + i) * uint64_t(p.Lk) + j0;
+  const uint32_t threshold = uint32_t(double(p.dropout_p) * 4294967296.0);
+  const float keep_scale = 1.0f / (1.0f - p.dropout_p);
+  for (int j = 0; j < n; ++j) {
+    const uint32_t u = uint32_t(mix64(base + j + key) >> 32);
+    row[j] *= u >= threshold ? keep_scale : 0.0f;
+  }
+}
+
 // ALiBi, mask and window for row i of batch b, head h, keys [j0, j0 + nk);
-// columns [nk, BK) and every hidden key become -inf.
-inline void apply_bias_and_mask(const FlashParams& p, const void* mask, int b, int h, int i,
-                                long j0, int nk, float slope, float* srow) {
-  const long diag = long(i) + p.q_offset; // the key aligned with query i
+// columns [nk, BK), keys outside the sequence and every hidden key become -inf.
+inline void apply_bias_and_mask(const FlashParams& p, const Seq& sq, const void* mask, int b,
+                                int h, long i, long j0, int nk, float slope, float* srow) {
+  const long diag = i + sq.shift; // the key aligned with query i
   if (p.has_alibi) {
     for (int j = 0; j < nk; ++j) {
       long dist = diag - (j0 + j);
@@ -280,8 +321,11 @@ inline void apply_bias_and_mask(const FlashParams& p, const void* mask, int b, i
       for (int j = 0; j < nk; ++j) srow[j] += mk[j * st];
     }
   }
-  // Window limits relative to this block: keep columns [lo, hi).
-  long lo = 0, hi = nk;
+  // Keys this row may see, relative to the block: keep columns [lo, hi).
+  long lo = sq.k0 - j0, hi = sq.k0 + sq.nk - j0;
+  if (hi > nk) hi = nk;
+  if (lo < 0) lo = 0;
+  if (i < sq.q0 || i >= sq.q0 + sq.nq) hi = lo; // a padding row
   if (p.window_left >= 0 && diag - p.window_left - j0 > lo) lo = diag - p.window_left - j0;
   if (p.window_right >= 0 && diag + p.window_right + 1 - j0 < hi)
     hi = diag + p.window_right + 1 - j0;
@@ -290,24 +334,32 @@ inline void apply_bias_and_mask(const FlashParams& p, const void* mask, int b, i
   for (long j = hi; j < BK; ++j) srow[j] = -INFINITY;
 }
 
-// Keys [*beg, *end) that some query in [i0, i1) may see under the window.
-inline void visible_keys(const FlashParams& p, int i0, int i1, long* beg, long* end) {
-  *beg = 0;
-  *end = p.Lk;
-  if (p.window_left >= 0 && long(i0) + p.q_offset - p.window_left > *beg)
-    *beg = long(i0) + p.q_offset - p.window_left;
-  if (p.window_right >= 0 && long(i1 - 1) + p.q_offset + p.window_right + 1 < *end)
-    *end = long(i1 - 1) + p.q_offset + p.window_right + 1;
+// Keys [*beg, *end) that some query in rows [i0, i1) may see.
+inline void visible_keys(const FlashParams& p, const Seq& sq, long i0, long i1, long* beg,
+                         long* end) {
+  *beg = sq.k0;
+  *end = sq.k0 + sq.nk;
+  if (i0 < sq.q0) i0 = sq.q0;
+  if (i1 > sq.q0 + sq.nq) i1 = sq.q0 + sq.nq;
+  if (i1 <= i0) *end = *beg;
+  if (p.window_left >= 0 && i0 + sq.shift - p.window_left > *beg)
+    *beg = i0 + sq.shift - p.window_left;
+  if (p.window_right >= 0 && i1 - 1 + sq.shift + p.window_right + 1 < *end)
+    *end = i1 - 1 + sq.shift + p.window_right + 1;
 }
 
-// Queries [*beg, *end) that may see some key in [j0, j1) under the window.
-inline void visible_queries(const FlashParams& p, long j0, long j1, long* beg, long* end) {
-  *beg = 0;
-  *end = p.Lq;
-  if (p.window_right >= 0 && j0 - p.q_offset - p.window_right > *beg)
-    *beg = j0 - p.q_offset - p.window_right;
-  if (p.window_left >= 0 && j1 - 1 - p.q_offset + p.window_left + 1 < *end)
-    *end = j1 - 1 - p.q_offset + p.window_left + 1;
+// Queries [*beg, *end) that may see some key in [j0, j1).
+inline void visible_queries(const FlashParams& p, const Seq& sq, long j0, long j1, long* beg,
+                            long* end) {
+  *beg = sq.q0;
+  *end = sq.q0 + sq.nq;
+  if (j0 < sq.k0) j0 = sq.k0;
+  if (j1 > sq.k0 + sq.nk) j1 = sq.k0 + sq.nk;
+  if (j1 <= j0) *end = *beg;
+  if (p.window_right >= 0 && j0 - sq.shift - p.window_right > *beg)
+    *beg = j0 - sq.shift - p.window_right;
+  if (p.window_left >= 0 && j1 - 1 - sq.shift + p.window_left + 1 < *end)
+    *end = j1 - 1 - sq.shift + p.window_left + 1;
 }
 
 // The per-(batch, head) scalars of the ALiBi slopes and sinks inputs.

@@ -1,0 +1,236 @@
+"""Packed variable-length sequences, padded batches and dropout."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_flash_attn as fa
+from reference import DTYPES, assert_close, rand, reference, to64, to_torch, torch_attention
+
+torch = pytest.importorskip("torch")
+
+
+def pack(rng, lens, H, D, dtype):
+    return rand(rng, (int(sum(lens)), H, D), dtype)
+
+
+def cu(lens):
+    return mx.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+
+
+# Mixed lengths, including empty and single-row sequences, Lq != Lk per sequence.
+LENS_Q = [5, 0, 1, 70, 130, 3]
+LENS_K = [7, 3, 1, 70, 200, 0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opts", [
+    {}, {"causal": True}, {"window_size": (16, 0)}, {"causal": True, "softcap": 3.0},
+    {"window_size": (8, 8), "sinks": "sinks", "alibi_slopes": "alibi"},
+], ids=str)
+def test_varlen_equals_per_sequence(rng, dtype, opts):
+    Hq, Hk, D, Dv = 4, 2, 64, 48
+    q = pack(rng, LENS_Q, Hq, D, dtype)
+    k = pack(rng, LENS_K, Hk, D, dtype)
+    v = pack(rng, LENS_K, Hk, Dv, dtype)
+    extra = {}
+    if "sinks" in opts:
+        extra["sinks"] = mx.array(rng.standard_normal(Hq).astype(np.float32))
+        extra["alibi_slopes"] = mx.array(rng.uniform(0, 0.2, Hq).astype(np.float32))
+    opts = {n: o for n, o in opts.items() if n not in ("sinks", "alibi_slopes")}
+    out, lse = fa.attention_varlen(q, k, v, cu(LENS_Q), cu(LENS_K), max(LENS_Q), max(LENS_K),
+                                   return_lse=True, **opts, **extra)
+    assert out.shape == (sum(LENS_Q), Hq, Dv) and lse.shape == (Hq, sum(LENS_Q))
+    oq = np.concatenate([[0], np.cumsum(LENS_Q)])
+    ok = np.concatenate([[0], np.cumsum(LENS_K)])
+    for b in range(len(LENS_Q)):
+        qs = q[oq[b]:oq[b + 1]].transpose(1, 0, 2)[None]
+        ks = k[ok[b]:ok[b + 1]].transpose(1, 0, 2)[None]
+        vs = v[ok[b]:ok[b + 1]].transpose(1, 0, 2)[None]
+        ref, ref_lse = reference(qs, ks, vs, **opts, **extra)
+        assert_close(out[oq[b]:oq[b + 1]].transpose(1, 0, 2)[None], ref, dtype)
+        got = to64(lse[:, oq[b]:oq[b + 1]])[None]
+        np.testing.assert_allclose(got, ref_lse, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
+def test_varlen_gradients_equal_per_sequence(rng, dtype):
+    Hq, Hk, D = 4, 1, 32
+    q = pack(rng, LENS_Q, Hq, D, dtype)
+    k = pack(rng, LENS_K, Hk, D, dtype)
+    v = pack(rng, LENS_K, Hk, D, dtype)
+    w = rand(rng, (sum(LENS_Q), Hq, D), mx.float32)
+    cq, ck = cu(LENS_Q), cu(LENS_K)
+
+    def packed(q, k, v):
+        out = fa.attention_varlen(q, k, v, cq, ck, max(LENS_Q), max(LENS_K), causal=True,
+                                  window_size=(20, -1))
+        return (out * w).sum()
+
+    def split(q, k, v):
+        oq = np.concatenate([[0], np.cumsum(LENS_Q)])
+        ok = np.concatenate([[0], np.cumsum(LENS_K)])
+        total = 0.0
+        for b in range(len(LENS_Q)):
+            if LENS_Q[b] == 0 or LENS_K[b] == 0:
+                continue  # nothing to differentiate (and MLX's scatter vjp fails on empty slices)
+            t = lambda x, o: x[o[b]:o[b + 1]].transpose(1, 0, 2)[None]
+            out = fa.attention(t(q, oq), t(k, ok), t(v, ok), causal=True, window_size=(20, -1))
+            total = total + (out[0].transpose(1, 0, 2) * w[oq[b]:oq[b + 1]]).sum()
+        return total
+
+    g1 = mx.grad(packed, argnums=(0, 1, 2))(q, k, v)
+    g2 = mx.grad(split, argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g1, g2):
+        # Same kernel, same blocks per sequence: identical up to summation order.
+        np.testing.assert_allclose(to64(a), to64(b), rtol=1e-5, atol=1e-5)
+
+
+VARLEN_ERRORS = [
+    (dict(cu_seqlens_q=mx.array([0, 5, 3, 10], dtype=mx.int32)), r"cu_seqlens_q must be non-decreasing"),
+    (dict(cu_seqlens_q=mx.array([0, 5, 7, 10], dtype=mx.int64)), r"cu_seqlens_q must be an int32 array of shape \(B \+ 1,\)"),
+    (dict(cu_seqlens_k=mx.array([0, 5, 12], dtype=mx.int32)), r"cu_seqlens_k must be an int32 array of shape \(B \+ 1,\) = \(4,\)"),
+    (dict(cu_seqlens_k=mx.array([0, 5, 7, 13], dtype=mx.int32)), r"cu_seqlens_k must end at the number of rows of k \(12\); got 13"),
+    (dict(cu_seqlens_q=mx.array([1, 5, 7, 10], dtype=mx.int32)), r"cu_seqlens_q must start at 0"),
+    (dict(max_seqlen_q=2), r"max_seqlen_q \(2\) is shorter than the longest sequence \(5\)"),
+    (dict(q=mx.zeros((1, 10, 4, 32))), r"q must be 3-D \(total_q, Hq, D\)"),
+    (dict(k=mx.zeros((12, 3, 32)), v=mx.zeros((12, 3, 32))), r"multiple of the number of key/value heads"),
+    (dict(dropout_p=1.0), r"dropout_p must be in \[0, 1\)"),
+]
+
+
+@pytest.mark.parametrize("override,message", VARLEN_ERRORS, ids=[m for _, m in VARLEN_ERRORS])
+def test_varlen_errors(override, message):
+    args = dict(q=mx.zeros((10, 4, 32)), k=mx.zeros((12, 2, 32)), v=mx.zeros((12, 2, 32)),
+                cu_seqlens_q=mx.array([0, 5, 7, 10], dtype=mx.int32),
+                cu_seqlens_k=mx.array([0, 5, 7, 12], dtype=mx.int32),
+                max_seqlen_q=5, max_seqlen_k=5)
+    args.update(override)
+    with pytest.raises(ValueError, match=message):
+        mx.eval(fa.attention_varlen(**args))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_batch_lengths(rng, dtype, side, causal):
+    B, Hq, Hk, Lq, Lk, D = 4, 4, 2, 40, 60, 64
+    ql, kl = [40, 1, 25, 0], [60, 10, 33, 5]
+    q = rand(rng, (B, Hq, Lq, D), dtype)
+    k = rand(rng, (B, Hk, Lk, D), dtype)
+    v = rand(rng, (B, Hk, Lk, D), dtype)
+    out = fa.attention(q, k, v, causal=causal, padding_side=side,
+                       q_lengths=mx.array(ql), kv_lengths=mx.array(kl))
+    out64 = to64(out)
+    for b in range(B):
+        qs = slice(0, ql[b]) if side == "right" else slice(Lq - ql[b], Lq)
+        ks = slice(0, kl[b]) if side == "right" else slice(Lk - kl[b], Lk)
+        ref, _ = reference(q[b:b + 1, :, qs], k[b:b + 1, :, ks], v[b:b + 1, :, ks], causal=causal)
+        assert_close(out[b:b + 1, :, qs], ref, dtype)
+        pad = np.ones(Lq, dtype=bool)
+        pad[qs] = False
+        assert np.all(out64[b, :, pad] == 0), "padding rows must be zero"
+
+
+def test_padded_batch_gradients_and_mask_equivalence(rng):
+    """kv_lengths == the same padding as a boolean mask, forward and backward."""
+    B, H, L, D = 3, 2, 50, 32
+    kl = mx.array([50, 17, 3])
+    mask = (mx.arange(L)[None, :] < kl[:, None])[:, None, None, :]
+    q, k, v = (rand(rng, (B, H, L, D), mx.float32) for _ in range(3))
+    f1 = lambda q, k, v: (fa.attention(q, k, v, kv_lengths=kl) ** 2).sum()
+    f2 = lambda q, k, v: (fa.attention(q, k, v, mask=mask) ** 2).sum()
+    for a, b in zip(mx.grad(f1, argnums=(0, 1, 2))(q, k, v), mx.grad(f2, argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
+
+
+def test_padded_batch_errors():
+    q = mx.zeros((2, 2, 8, 32))
+    with pytest.raises(ValueError, match=r"kv_lengths must have shape \(B,\) = \(2,\)"):
+        fa.attention(q, q, q, kv_lengths=mx.array([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"q_lengths must be an integer array"):
+        fa.attention(q, q, q, q_lengths=mx.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"padding_side must be \"right\" or \"left\""):
+        fa.attention(q, q, q, kv_lengths=mx.array([1, 2]), padding_side="top")
+
+
+# --- dropout -----------------------------------------------------------------
+
+def dropout_mask(B, Hq, Lq, Lk, p, key):
+    """The kernel's keep mask, read back through V = identity: out = P z / l."""
+    q = mx.zeros((B, Hq, Lq, 16))  # uniform P = 1 / Lk
+    v = mx.broadcast_to(mx.eye(Lk), (B, 1, Lk, Lk))
+    out = to64(fa.attention(q, q[:, :1, :Lk] if Lq == Lk else mx.zeros((B, 1, Lk, 16)), v,
+                            dropout_p=p, key=key))
+    kept = np.isclose(out, 1.0 / Lk / (1 - p), rtol=1e-5)
+    assert np.all(kept | (out == 0)), "dropout scales kept probabilities by 1 / (1 - p)"
+    return kept
+
+
+def test_dropout_mask_rate_and_scaling():
+    kept = dropout_mask(2, 4, 64, 96, 0.3, mx.random.key(1))
+    assert abs(kept.mean() - 0.7) < 0.01
+
+
+def test_dropout_same_key_same_result_different_keys_differ(rng):
+    q, k, v = (rand(rng, (2, 4, 70, 64), mx.bfloat16) for _ in range(3))
+    a = fa.attention(q, k, v, dropout_p=0.2, key=mx.random.key(5), causal=True)
+    b = fa.attention(q, k, v, dropout_p=0.2, key=mx.random.key(5), causal=True)
+    c = fa.attention(q, k, v, dropout_p=0.2, key=mx.random.key(6), causal=True)
+    assert mx.array_equal(a, b).item() and not mx.array_equal(a, c).item()
+    # Without a key: MLX's global random state, so seeding reproduces it.
+    mx.random.seed(11)
+    d = fa.attention(q, k, v, dropout_p=0.2)
+    mx.random.seed(11)
+    e = fa.attention(q, k, v, dropout_p=0.2)
+    assert mx.array_equal(d, e).item()
+
+
+def test_dropout_mean_converges_to_no_dropout(rng):
+    q, k, v = (rand(rng, (1, 2, 20, 32), mx.float32) for _ in range(3))
+    n = 400
+    keys = mx.random.split(mx.random.key(0), n)
+    samples = np.stack([to64(fa.attention(q, k, v, dropout_p=0.5, key=keys[i])) for i in range(n)])
+    ref, _ = reference(q, k, v)
+    # Unbiased: the mean is within 5 standard errors of the no-dropout output.
+    stderr = samples.std(axis=0) / np.sqrt(n)
+    assert np.all(np.abs(samples.mean(axis=0) - ref) <= 5 * stderr + 1e-6)
+    assert np.all(samples.std(axis=0) > 0)
+
+
+@pytest.mark.parametrize("opts", [{}, {"causal": True, "window_size": (30, 0)},
+                                  {"sinks": True, "softcap": 2.0}], ids=str)
+def test_dropout_gradients(rng, opts):
+    """Gradients with a fixed key equal float64 autograd through the same mask."""
+    B, Hq, Hk, Lq, Lk, D, p = 1, 2, 1, 40, 56, 32, 0.25
+    key = mx.random.key(7)
+    z = dropout_mask(B, Hq, Lq, Lk, p, key)
+    opts = dict(opts)
+    if opts.pop("sinks", False):
+        opts["sinks"] = mx.array(rng.standard_normal(Hq).astype(np.float32))
+    q = rand(rng, (B, Hq, Lq, D), mx.float32)
+    k = rand(rng, (B, Hk, Lk, D), mx.float32)
+    v = rand(rng, (B, Hk, Lk, D), mx.float32)
+    w = rand(rng, (B, Hq, Lq, D), mx.float32)
+    g = mx.grad(lambda q, k, v: (fa.attention(q, k, v, dropout_p=p, key=key, **opts) * w).sum(),
+                argnums=(0, 1, 2))(q, k, v)
+
+    tq, tk, tv = (to_torch(x) for x in (q, k, v))
+    topts = {n: to_torch(x) if isinstance(x, mx.array) else x for n, x in opts.items()}
+    # Recompute the no-dropout P from the reference, then drop with z.
+    ones = torch.eye(Lk, dtype=torch.float64).expand(B, Hk, Lk, Lk)
+    P, _ = torch_attention(tq, tk, ones, **topts)
+    out = (P * torch.from_numpy(z) / (1 - p)) @ tv.repeat_interleave(Hq // Hk, 1)
+    (out * torch.from_numpy(to64(w))).sum().backward()
+    for a, t in zip(g, (tq, tk, tv)):
+        ref = t.grad.numpy()
+        assert np.abs(to64(a) - ref).max() / np.abs(ref).max() < 2e-5
+
+
+def test_dropout_deterministic_gradients(rng):
+    q, k, v = (rand(rng, (2, 4, 130, 64), mx.float32) for _ in range(3))
+    f = mx.grad(lambda q, k, v: fa.attention(q, k, v, dropout_p=0.1, key=mx.random.key(3)).sum(),
+                argnums=(0, 1, 2))
+    a, b = f(q, k, v), f(q, k, v)
+    for x, y in zip(a, b):
+        assert mx.array_equal(x, y).item()

@@ -19,26 +19,41 @@ namespace FA_ISA {
 namespace {
 
 // ---------------------------------------------------------------------------
-// One task: query block qb of head h in batch b.
+// One task: query block qb of a group of heads in batch b.
 // ---------------------------------------------------------------------------
+// GQA: the query heads that share a key/value head go into one task, their
+// rows stacked, so each K/V block is read and converted once per group, not
+// once per head (the traffic that bounds decoding). Heads per task: the
+// largest divisor of the group size that fits in BQ rows.
+inline int heads_per_task(const FlashParams& p) {
+  int g = p.gqa_ratio < BQ ? p.gqa_ratio : BQ;
+  while (p.gqa_ratio % g) --g;
+  return g;
+}
+
 template <typename T>
 struct Task {
   const ForwardArgs& a;
   const FlashParams& p;
+  int hpt; // query heads per task
+  int nqi; // query rows per head per task: BQ / hpt
 
-  void run(int b, int h, int qb) const {
+  // Rows of the task: row r is head h0 + r / nqh, query i0 + r % nqh.
+  void run(int b, int hg, int qb) const {
     const Seq sq = seq_of(p, a.seqs, b);
-    const long i0 = sq.rows_begin + long(qb) * BQ;
+    const long i0 = sq.rows_begin + long(qb) * nqi;
     const long rows_end = p.packed ? sq.q0 + sq.nq : p.Lq;
     if (i0 >= rows_end) return; // past a short packed sequence
-    const int nq = rows_end - i0 < BQ ? int(rows_end - i0) : BQ;
-    const int hk = h / p.gqa_ratio;
+    const int nqh = rows_end - i0 < nqi ? int(rows_end - i0) : nqi;
+    const int nq = hpt * nqh;
+    const int h0 = hg * hpt;
+    const int hk = h0 / p.gqa_ratio;
     const int D = p.D, Dv = p.Dv;
     const int dvp = (Dv + 15) / 16 * 16;
 
     // Keys any row of this block can see; rows narrow it further below.
     long kbeg, kend;
-    visible_keys(p, sq, i0, i0 + nq, &kbeg, &kend);
+    visible_keys(p, sq, i0, i0 + nqh, &kbeg, &kend);
 
     // Scratch: Q (scaled), K^T block, V block, S/P block, O accumulator, m, l.
     size_t nfloat = size_t(BQ) * D + size_t(D) * BK + size_t(BK) * dvp + size_t(BQ) * BK +
@@ -58,15 +73,16 @@ struct Task {
     }
     memset(o, 0, sizeof(float) * size_t(BQ) * dvp);
 
-    const T* q = static_cast<const T*>(a.q) + b * p.q_strides[0] + h * p.q_strides[1];
     const T* k = static_cast<const T*>(a.k) + b * p.k_strides[0] + hk * p.k_strides[1];
     const T* v = static_cast<const T*>(a.v) + b * p.v_strides[0] + hk * p.v_strides[1];
 
     if (kbeg < kend) {
-      for (int i = 0; i < nq; ++i)
-        load_row(q + (i0 + i) * p.q_strides[2], p.q_strides[3], D, p.scale, qf + i * D);
+      for (int r = 0; r < nq; ++r) {
+        const T* q = static_cast<const T*>(a.q) + b * p.q_strides[0] +
+                     (h0 + r / nqh) * p.q_strides[1] + (i0 + r % nqh) * p.q_strides[2];
+        load_row(q, p.q_strides[3], D, p.scale, qf + r * D);
+      }
     }
-    const float slope = p.has_alibi ? per_head(a.alibi, p.alibi_strides, b, h) : 0.0f;
 
     for (long j0 = kbeg; j0 < kend; j0 += BK) {
       const int nk = kend - j0 < BK ? int(kend - j0) : BK;
@@ -74,21 +90,27 @@ struct Task {
 
       for_row_blocks(nq, [&]<int R>(int i) { qk_rows<R>(qf + i * D, D, kt, D, s + i * BK); });
 
-      for (int i = 0; i < nq; ++i) {
-        if (p.softcap > 0.0f) apply_softcap(p, s + i * BK, nk);
-        apply_bias_and_mask(p, sq, a.mask, b, h, i0 + i, j0, nk, slope, s + i * BK);
+      for (int r = 0; r < nq; ++r) {
+        const int h = h0 + r / nqh;
+        const float slope = p.has_alibi ? per_head(a.alibi, p.alibi_strides, b, h) : 0.0f;
+        if (p.softcap > 0.0f) apply_softcap(p, s + r * BK, nk);
+        apply_bias_and_mask(p, sq, a.mask, b, h, i0 + r % nqh, j0, nk, slope, s + r * BK);
       }
 
       softmax_update(nq, nk, s, m, l, alpha);
       // Dropout after the running sum: l normalises the undropped softmax.
       if (p.dropout_p > 0.0f)
-        for (int i = 0; i < nq; ++i) dropout_row(p, b, h, i0 + i, j0, nk, s + i * BK);
+        for (int r = 0; r < nq; ++r)
+          dropout_row(p, b, h0 + r / nqh, i0 + r % nqh, j0, nk, s + r * BK);
       for_row_blocks(nq, [&]<int R>(int i) {
         pv_block<R>(s + i * BK, BK, alpha + i, vf, dvp, nk, o + i * dvp);
       });
     }
 
-    finish(b, h, i0, nq, o, m, l, dvp);
+    for (int hh = 0; hh < hpt; ++hh) {
+      const int r = hh * nqh;
+      finish(b, h0 + hh, i0, nqh, o + r * dvp, m + r, l + r, dvp);
+    }
   }
 
   // Converts keys [j0, j0 + nk) to float: K transposed (D x BK), V (BK x dvp),
@@ -165,18 +187,20 @@ struct Task {
 template <typename T>
 void run_all(const ForwardArgs& a) {
   const FlashParams& p = *a.p;
-  const int nqb = (p.max_rows_q + BQ - 1) / BQ;
-  const int64_t ntasks = int64_t(p.B) * p.Hq * nqb;
+  const int hpt = heads_per_task(p);
+  Task<T> task{a, p, hpt, BQ / hpt};
+  const int nqb = (p.max_rows_q + task.nqi - 1) / task.nqi;
+  const int ngroups = p.Hq / hpt;
+  const int64_t ntasks = int64_t(p.B) * ngroups * nqb;
   if (ntasks == 0) return;
-  Task<T> task{a, p};
-  struct Ctx { const Task<T>* t; int nqb; int Hq; } ctx{&task, nqb, p.Hq};
+  struct Ctx { const Task<T>* t; int nqb; int ngroups; } ctx{&task, nqb, ngroups};
   // Task order: the last query blocks first, since with causal masking they
   // see the most keys; dynamic hand-out then balances the cores.
   parallel_for(ntasks, [](void* c, int64_t t) {
     const Ctx& x = *static_cast<const Ctx*>(c);
     const int qb = x.nqb - 1 - int(t % x.nqb);
     const int64_t bh = t / x.nqb;
-    x.t->run(int(bh / x.Hq), int(bh % x.Hq), qb);
+    x.t->run(int(bh / x.ngroups), int(bh % x.ngroups), qb);
   }, &ctx);
 }
 

@@ -376,6 +376,7 @@ def test_modules_imported_while_patched(monkeypatch):
     assert plamo2.mx is mx
 
 
-def test_import_does_not_import_mlx_lm():
+def test_import_does_not_import_mlx_lm(tmp_path):
     code = "import sys, mlx_flash_attn; assert 'mlx_lm' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # Run outside the checkout, so the installed package is the one imported.
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)

@@ -77,10 +77,17 @@ bool poison_outputs() { return g_poison; }
 
 namespace {
 
-void check_dtypes(const mx::array* qkv[3], const char* const names[3]) {
+const char* const kQkvNames[3] = {"q", "k", "v"};
+
+// Ranks and dtypes of q, k, v; layouts describes the expected dims.
+void check_qkv(const mx::array* qkv[3], size_t ndim, const char* const layouts[3]) {
+  for (int i = 0; i < 3; ++i)
+    if (qkv[i]->ndim() != ndim)
+      fail(std::string(kQkvNames[i]) + " must be " + std::to_string(ndim) + "-D " + layouts[i] +
+           "; got shape " + shape_str(qkv[i]->shape()));
   for (int i = 0; i < 3; ++i)
     if (!is_supported_float(qkv[i]->dtype()))
-      fail(std::string(names[i]) + " must be float32, float16 or bfloat16; got " +
+      fail(std::string(kQkvNames[i]) + " must be float32, float16 or bfloat16; got " +
            dtype_str(qkv[i]->dtype()));
   if (qkv[1]->dtype() != qkv[0]->dtype() || qkv[2]->dtype() != qkv[0]->dtype())
     fail("q, k and v must have the same dtype; got " + dtype_str(qkv[0]->dtype()) + ", " +
@@ -204,14 +211,9 @@ std::vector<mx::array> attention(
     const mx::array& v,
     const AttentionOptions& o,
     mx::StreamOrDevice s) {
-  const char* const names[3] = {"q", "k", "v"};
   const char* const layouts[3] = {"(B, Hq, Lq, D)", "(B, Hk, Lk, D)", "(B, Hk, Lk, Dv)"};
   const mx::array* qkv[3] = {&q, &k, &v};
-  for (int i = 0; i < 3; ++i)
-    if (qkv[i]->ndim() != 4)
-      fail(std::string(names[i]) + " must be 4-D " + layouts[i] + "; got shape " +
-           shape_str(qkv[i]->shape()));
-  check_dtypes(qkv, names);
+  check_qkv(qkv, 4, layouts);
 
   const int B = q.shape(0), Hq = q.shape(1), Lq = q.shape(2);
   const int Hk = k.shape(1), Lk = k.shape(2);
@@ -252,14 +254,9 @@ std::vector<mx::array> attention_varlen(
     int max_seqlen_k,
     const AttentionOptions& o,
     mx::StreamOrDevice s) {
-  const char* const names[3] = {"q", "k", "v"};
   const char* const layouts[3] = {"(total_q, Hq, D)", "(total_k, Hk, D)", "(total_k, Hk, Dv)"};
   const mx::array* qkv[3] = {&q, &k, &v};
-  for (int i = 0; i < 3; ++i)
-    if (qkv[i]->ndim() != 3)
-      fail(std::string(names[i]) + " must be 3-D " + layouts[i] + "; got shape " +
-           shape_str(qkv[i]->shape()));
-  check_dtypes(qkv, names);
+  check_qkv(qkv, 3, layouts);
   if (v.shape(0) != k.shape(0) || v.shape(1) != k.shape(1))
     fail("k and v must have the same length and heads (total_k, Hk, .); got k " +
          shape_str(k.shape()) + ", v " + shape_str(v.shape()));

@@ -33,6 +33,7 @@ struct Backward {
   const FlashParams& p;
   const float* delta; // (B, Hq, Lq)
   float* partials;    // (B, Hq, nqb, 2): ALiBi and sink gradient sums per dQ task
+  int nqb;            // query blocks per (batch, head)
 
   const T* q_row(int b, int h, long i) const {
     return static_cast<const T*>(a.fwd.q) + b * p.q_strides[0] + h * p.q_strides[1] +
@@ -147,24 +148,15 @@ struct Backward {
   // --- dQ pass: query block qb of head h in batch b. ---
   void dq_task(int b, int h, int qb) const {
     const Seq sq = seq_of(p, a.fwd.seqs, b);
-    const long i0 = sq.rows_begin + long(qb) * BQ;
-    const long rows_end = p.packed ? sq.q0 + sq.nq : p.Lq;
-    if (i0 >= rows_end) return; // past a short packed sequence
-    const int nq = rows_end - i0 < BQ ? int(rows_end - i0) : BQ;
+    long i0;
+    const int nq = block_rows(sq.qrows_begin, sq.qrows_end, qb, BQ, &i0);
+    if (nq == 0) return;
     const int hk = h / p.gqa_ratio;
     const int D = p.D, Dp = pad16(D), dvp = pad16(p.Dv);
-    size_t nfloat = size_t(BQ) * (2 * Dp + dvp + 3 * BK + 2) + size_t(BK) * (D + p.Dv + Dp);
-    float* qf = static_cast<float*>(thread_scratch(nfloat * sizeof(float)));
-    float* dqa = qf + BQ * Dp;
-    float* dof = dqa + BQ * Dp;
-    float* s = dof + BQ * dvp;
-    float* dp = s + BQ * BK;
-    float* cap = dp + BQ * BK;
-    float* lse = cap + BQ * BK;
-    float* del = lse + BQ;
-    float* kt = del + BQ;
-    float* vt = kt + D * BK;
-    float* km = vt + p.Dv * BK;
+    float *qf, *dqa, *dof, *s, *dp, *cap, *lse, *del, *kt, *vt, *km;
+    carve_scratch({{&qf, size_t(BQ) * Dp}, {&dqa, size_t(BQ) * Dp}, {&dof, size_t(BQ) * dvp},
+                   {&s, BQ * BK}, {&dp, BQ * BK}, {&cap, BQ * BK}, {&lse, BQ}, {&del, BQ},
+                   {&kt, size_t(D) * BK}, {&vt, size_t(p.Dv) * BK}, {&km, size_t(BK) * Dp}});
 
     load_queries(b, h, i0, nq, qf, dof, lse, del);
     memset(dqa, 0, sizeof(float) * BQ * Dp);
@@ -205,7 +197,6 @@ struct Backward {
       const float sink = per_head(a.fwd.sinks, p.sinks_strides, b, h);
       for (int i = 0; i < nq; ++i) dsink -= double(expf(sink - lse[i])) * del[i];
     }
-    const int nqb = (p.max_rows_q + BQ - 1) / BQ;
     float* part = partials + 2 * (size_t(b * p.Hq + h) * nqb + qb);
     part[0] = float(dslope);
     part[1] = float(dsink);
@@ -214,26 +205,15 @@ struct Backward {
   // --- dK/dV pass: key block kb of kv head hk in batch b. ---
   void dkv_task(int b, int hk, int kb) const {
     const Seq sq = seq_of(p, a.fwd.seqs, b);
-    const long j0 = (p.packed ? sq.k0 : 0) + long(kb) * BK;
-    const long rows_end = p.packed ? sq.k0 + sq.nk : p.Lk;
-    if (j0 >= rows_end) return;
-    const int nk = rows_end - j0 < BK ? int(rows_end - j0) : BK;
+    long j0;
+    const int nk = block_rows(sq.krows_begin, sq.krows_end, kb, BK, &j0);
+    if (nk == 0) return;
     const int D = p.D, Dv = p.Dv, Dp = pad16(D), dvp = pad16(Dv);
-    size_t nfloat = size_t(BK) * (D + Dv + Dp + dvp + 2 * BQ) +
-                    size_t(BQ) * (Dp + dvp + 3 * BK + 2);
-    float* kt = static_cast<float*>(thread_scratch(nfloat * sizeof(float)));
-    float* vt = kt + D * BK;
-    float* dka = vt + Dv * BK;
-    float* dva = dka + BK * Dp;
-    float* pt = dva + BK * dvp;
-    float* dst = pt + BK * BQ;
-    float* qf = dst + BK * BQ;
-    float* dof = qf + BQ * Dp;
-    float* s = dof + BQ * dvp;
-    float* dp = s + BQ * BK;
-    float* cap = dp + BQ * BK;
-    float* lse = cap + BQ * BK;
-    float* del = lse + BQ;
+    float *kt, *vt, *dka, *dva, *pt, *dst, *qf, *dof, *s, *dp, *cap, *lse, *del;
+    carve_scratch({{&kt, size_t(D) * BK}, {&vt, size_t(Dv) * BK}, {&dka, size_t(BK) * Dp},
+                   {&dva, size_t(BK) * dvp}, {&pt, BK * BQ}, {&dst, BK * BQ},
+                   {&qf, size_t(BQ) * Dp}, {&dof, size_t(BQ) * dvp}, {&s, BQ * BK},
+                   {&dp, BQ * BK}, {&cap, BQ * BK}, {&lse, BQ}, {&del, BQ}});
 
     load_keys(b, hk, j0, nk, kt, vt, nullptr);
     memset(dka, 0, sizeof(float) * BK * Dp);
@@ -270,8 +250,7 @@ struct Backward {
   // Delta = rowsum(dO * O) - dLSE for the rows of batch b, head h.
   void delta_rows(int b, int h, float* out) const {
     const Seq sq = seq_of(p, a.fwd.seqs, b);
-    const long rows_end = p.packed ? sq.q0 + sq.nq : p.Lq;
-    for (long i = sq.rows_begin; i < rows_end; ++i) {
+    for (long i = sq.qrows_begin; i < sq.qrows_end; ++i) {
       const T* o = static_cast<const T*>(a.fwd.out) + row_index(b, h, i) * p.Dv;
       const T* dorow = do_row(b, h, i);
       float acc = 0.0f;
@@ -296,7 +275,7 @@ void run_backward(const BackwardArgs& a) {
   const int64_t nbh = int64_t(p.B) * p.Hq;
   float* delta = static_cast<float*>(malloc(sizeof(float) * (nbh * p.Lq + 2 * nbh * nqb + 1)));
   if (!delta) throw std::bad_alloc();
-  Backward<T> bw{a, p, delta, delta + nbh * p.Lq};
+  Backward<T> bw{a, p, delta, delta + nbh * p.Lq, nqb};
 
   parallel(nbh, [&](int64_t bh) { bw.delta_rows(int(bh / p.Hq), int(bh % p.Hq), delta); });
   // Last query blocks first: under causal masks they see the most keys.

@@ -41,10 +41,9 @@ struct Task {
   // Rows of the task: row r is head h0 + r / nqh, query i0 + r % nqh.
   void run(int b, int hg, int qb) const {
     const Seq sq = seq_of(p, a.seqs, b);
-    const long i0 = sq.rows_begin + long(qb) * nqi;
-    const long rows_end = p.packed ? sq.q0 + sq.nq : p.Lq;
-    if (i0 >= rows_end) return; // past a short packed sequence
-    const int nqh = rows_end - i0 < nqi ? int(rows_end - i0) : nqi;
+    long i0;
+    const int nqh = block_rows(sq.qrows_begin, sq.qrows_end, qb, nqi, &i0);
+    if (nqh == 0) return;
     const int nq = hpt * nqh;
     const int h0 = hg * hpt;
     const int hk = h0 / p.gqa_ratio;
@@ -55,17 +54,11 @@ struct Task {
     long kbeg, kend;
     visible_keys(p, sq, i0, i0 + nqh, &kbeg, &kend);
 
-    // Scratch: Q (scaled), K^T block, V block, S/P block, O accumulator, m, l.
-    size_t nfloat = size_t(BQ) * D + size_t(D) * BK + size_t(BK) * dvp + size_t(BQ) * BK +
-                    size_t(BQ) * dvp + 3 * BQ;
-    float* qf = static_cast<float*>(thread_scratch(nfloat * sizeof(float)));
-    float* kt = qf + size_t(BQ) * D;
-    float* vf = kt + size_t(D) * BK;
-    float* s = vf + size_t(BK) * dvp;
-    float* o = s + size_t(BQ) * BK;
-    float* m = o + size_t(BQ) * dvp;
-    float* l = m + BQ;
-    float* alpha = l + BQ;
+    // Q (scaled), K^T block, V block, S/P block, O accumulator, m, l, alpha.
+    float *qf, *kt, *vf, *s, *o, *m, *l, *alpha;
+    carve_scratch({{&qf, size_t(BQ) * D}, {&kt, size_t(D) * BK}, {&vf, size_t(BK) * dvp},
+                   {&s, size_t(BQ) * BK}, {&o, size_t(BQ) * dvp}, {&m, BQ}, {&l, BQ},
+                   {&alpha, BQ}});
 
     for (int i = 0; i < nq; ++i) {
       m[i] = -INFINITY;
@@ -97,7 +90,7 @@ struct Task {
         apply_bias_and_mask(p, sq, a.mask, b, h, i0 + r % nqh, j0, nk, slope, s + r * BK);
       }
 
-      softmax_update(nq, nk, s, m, l, alpha);
+      softmax_update(nq, s, m, l, alpha);
       // Dropout after the running sum: l normalises the undropped softmax.
       if (p.dropout_p > 0.0f)
         for (int r = 0; r < nq; ++r)
@@ -131,7 +124,7 @@ struct Task {
 
   // Online softmax: per row, new max m, rescale factor alpha for the old
   // accumulator, P = exp(S - m) written over S, running sum l.
-  void softmax_update(int nq, int nk, float* s, float* m, float* l, float* alpha) const {
+  void softmax_update(int nq, float* s, float* m, float* l, float* alpha) const {
     for (int i = 0; i < nq; ++i) {
       float* row = s + i * BK;
       vf16 r0 = load16(row), r1 = load16(row + 16), r2 = load16(row + 32), r3 = load16(row + 48);
@@ -159,7 +152,6 @@ struct Task {
       l[i] = l[i] * alpha[i] + hsum((r0 + r1) + (r2 + r3));
       m[i] = m_new;
     }
-    (void)nk;
   }
 
   // Folds in the sink logit, normalises and writes O and the natural-log LSE.

@@ -259,18 +259,52 @@ inline void apply_softcap(const FlashParams& p, float* srow, int n) {
 
 // One batch entry's sequence (see FlashParams::has_seqs): its query rows
 // [q0, q0 + nq), key rows [k0, k0 + nk), and shift = the key aligned with
-// query row i is i + shift. rows_begin: the first row its tasks cover.
+// query row i is i + shift. Its tasks cover query rows [qrows_begin,
+// qrows_end) and key rows [krows_begin, krows_end): the whole padded batch
+// entry, or (packed) only the sequence's own rows.
 struct Seq {
-  long q0, nq, k0, nk, shift, rows_begin;
+  long q0, nq, k0, nk, shift;
+  long qrows_begin, qrows_end, krows_begin, krows_end;
 };
 
 inline Seq seq_of(const FlashParams& p, const int32_t* seqs, int b) {
-  if (!p.has_seqs) return {0, p.Lq, 0, p.Lk, p.q_offset, 0};
+  if (!p.has_seqs) return {0, p.Lq, 0, p.Lk, p.q_offset, 0, p.Lq, 0, p.Lk};
   const int32_t* x = seqs + 4 * b;
   // Padded batches: lengths beyond the arrays are clamped to them.
   long nq = x[1] < 0 ? 0 : x[1] > p.Lq - x[0] ? p.Lq - x[0] : x[1];
   long nk = x[3] < 0 ? 0 : x[3] > p.Lk - x[2] ? p.Lk - x[2] : x[3];
-  return {x[0], nq, x[2], nk, (x[2] - x[0]) + (nk - nq), p.packed ? long(x[0]) : 0};
+  Seq sq{x[0], nq, x[2], nk, (x[2] - x[0]) + (nk - nq), 0, p.Lq, 0, p.Lk};
+  if (p.packed) {
+    sq.qrows_begin = sq.q0;
+    sq.qrows_end = sq.q0 + nq;
+    sq.krows_begin = sq.k0;
+    sq.krows_end = sq.k0 + nk;
+  }
+  return sq;
+}
+
+// Block `index` of `size` rows within [begin, end): sets its first row and
+// returns its row count, 0 past the end (a short packed sequence).
+inline int block_rows(long begin, long end, long index, int size, long* first) {
+  *first = begin + index * size;
+  return *first >= end ? 0 : end - *first < size ? int(end - *first) : size;
+}
+
+// Per-thread scratch split into float arrays, each starting on a 64-byte
+// boundary: the sizes are listed once, next to the pointers they set.
+struct Slot {
+  float** ptr;
+  size_t n;
+};
+template <int N>
+inline void carve_scratch(const Slot (&slots)[N]) {
+  size_t total = 0;
+  for (const Slot& sl : slots) total += (sl.n + 15) / 16 * 16;
+  float* base = static_cast<float*>(thread_scratch(total * sizeof(float)));
+  for (const Slot& sl : slots) {
+    *sl.ptr = base;
+    base += (sl.n + 15) / 16 * 16;
+  }
 }
 
 // Where batch entry b, head h, row i lives in a row-contiguous (B, H, L, n)

@@ -161,6 +161,14 @@ def _mask(text: str) -> str:
     return "".join(out)
 
 
+def _template_args(code, text, k):
+    """Explicit template arguments "<...>" starting at k, if any, and the index after them."""
+    if code[k] != "<":
+        return "", k
+    end = _close(code, k)
+    return text[k:end + 1], end + 1
+
+
 def _close(code: str, i: int) -> int:
     """Index of the bracket closing code[i] (one of ([{<), balancing all kinds."""
     pairs = {"(": ")", "[": "]", "{": "}", "<": ">"}
@@ -400,12 +408,7 @@ class Rewriter:
             q = _close(code, p)
             m = re.compile(r"\s*([\w:]+)\s*").match(code, q + 1)
             fname = m.group(1)
-            k = m.end()
-            targs = ""
-            if code[k] == "<":
-                kk = _close(code, k)
-                targs = text[k:kk + 1]
-                k = kk + 1
+            targs, k = _template_args(code, text, m.end())
             semi = code.find(";", k)
             if not is_inst:
                 self.error(s, "decltype kernel declaration must be an explicit instantiation")
@@ -416,12 +419,8 @@ class Rewriter:
         if not m:
             self.error(s, "a kernel must return void")
         fname = m.group(1)
-        k = m.end()
-        targs = ""
-        if code[k] == "<":
-            kk = _close(code, k)
-            targs = text[k:kk + 1]
-            k = kk + 1
+        targs, k = _template_args(code, text, m.end())
+        if targs:
             while code[k].isspace():
                 k += 1
         if code[k] != "(":

@@ -10,13 +10,93 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include <sstream>
+
+#include "mlx/transforms.h"
+
 #include "cpu/flash_cpu.h"
 #include "flash_attn.h"
+#include "primitives.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
 namespace fa = mlx_flash_attn;
 namespace mx = mlx::core;
+
+namespace {
+
+nb::bytes raw_bytes(const mx::array& x) {
+  return nb::bytes(x.data<char>(), x.data_size() * x.itemsize());
+}
+
+bool is_ours(const mx::array& a) {
+  return a.has_primitive() && (dynamic_cast<fa::FlashAttention*>(&a.primitive()) ||
+                               dynamic_cast<fa::FlashAttentionVJP*>(&a.primitive()));
+}
+
+// See "_metal_plan" below: the first FlashAttention(VJP) node found from
+// `root` through the graph's inputs. Evaluates that node's inputs only.
+nb::dict metal_plan(const mx::array& root, std::optional<long> min_split_keys) {
+  std::vector<mx::array> todo = {root};
+  size_t next = 0;
+  while (next < todo.size() && !is_ours(todo[next])) {
+    for (const auto& x : todo[next].inputs()) todo.push_back(x);
+    ++next;
+  }
+  if (next == todo.size())
+    throw std::invalid_argument("_metal_plan: no unevaluated FlashAttention node under the array");
+  const mx::array a = todo[next];
+  std::vector<mx::array> inputs = a.inputs();
+  mx::eval(inputs);
+  fa::metal::Plan plan;
+  std::pair<std::vector<int>, std::vector<int>> slots;
+  std::vector<mx::Shape> shapes;
+  std::vector<mx::Dtype> dtypes;
+  if (auto* f = dynamic_cast<fa::FlashAttention*>(&a.primitive())) {
+    fa::metal::Tuning tune;
+    if (min_split_keys) tune.min_split_keys = *min_split_keys;
+    plan = f->metal_plan(inputs, tune);
+    slots = f->buffer_slots();
+    shapes = f->output_shapes(inputs);
+    dtypes = {inputs[0].dtype(), mx::float32};
+  } else {
+    auto* g = dynamic_cast<fa::FlashAttentionVJP*>(&a.primitive());
+    plan = g->metal_plan(inputs);
+    slots = g->buffer_slots();
+    shapes = g->output_shapes(inputs);
+    dtypes = g->output_dtypes(inputs);
+  }
+  nb::list launches;
+  for (const auto& l : plan.launches) {
+    nb::dict d, fc;
+    for (auto [idx, on] : l.constants) fc[nb::int_(idx)] = on;
+    d["kernel"] = l.kernel;
+    d["constants"] = fc;
+    d["grid"] = nb::make_tuple(l.grid[0], l.grid[1], l.grid[2]);
+    d["threads"] = nb::make_tuple(l.threads[0], l.threads[1], l.threads[2]);
+    d["buffers"] = l.buffers;
+    launches.append(d);
+  }
+  nb::dict scratch, ins;
+  for (const auto& s : plan.scratch) scratch[nb::int_(s.buffer)] = s.elements;
+  for (size_t i = 0; i < inputs.size(); ++i) ins[nb::int_(slots.first[i])] = raw_bytes(inputs[i]);
+  nb::list outs;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    std::ostringstream dt;
+    dt << dtypes[i];
+    outs.append(nb::make_tuple(slots.second[i], std::vector<int>(shapes[i].begin(), shapes[i].end()),
+                               dt.str()));
+  }
+  nb::dict r;
+  r["params"] = nb::bytes(reinterpret_cast<const char*>(&plan.params), sizeof(FlashParams));
+  r["launches"] = launches;
+  r["scratch"] = scratch;
+  r["inputs"] = ins;
+  r["outputs"] = outs;
+  return r;
+}
+
+} // namespace
 
 NB_MODULE(_ext, m) {
   m.doc() = "Native part of mlx_flash_attn; use mlx_flash_attn.attention.";
@@ -90,6 +170,10 @@ NB_MODULE(_ext, m) {
 
   m.def("_set_poison_outputs", &fa::set_poison_outputs, "on"_a,
         "Test hook: fill outputs with NaN before every kernel run.");
+
+  m.def("_metal_plan", &metal_plan, "array"_a, "min_split_keys"_a.none(),
+        "Test hook: the Metal kernel plan of the primitive that computes `array`, with "
+        "its inputs' bytes, as eval_gpu would run it (tests/metal/test_flash_kernels.py).");
 
   m.def("cpu_isa", &flash_cpu::isa_name,
         "The instruction set the CPU kernels use on this machine.");

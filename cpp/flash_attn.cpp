@@ -378,6 +378,38 @@ FlashParams make_params(const AttnOptions& opts, const std::vector<mx::array>& i
 
 namespace {
 
+// The backward's FlashParams: the forward's plus the cotangents' strides.
+// out and lse come straight from the forward primitive: row-contiguous.
+FlashParams backward_params(const AttnOptions& opts, const std::vector<mx::array>& inputs) {
+  const int nfwd = input_index(opts).count;
+  const mx::array &dout = inputs[nfwd + 2], &dlse = inputs[nfwd + 3];
+  FlashParams p = make_params(opts, inputs);
+  for (int i = 0; i < 4; ++i) p.do_strides[i] = dout.strides()[i];
+  for (int i = 0; i < 3; ++i) p.dlse_strides[i] = dlse.strides()[i];
+  if (opts.packed) p.do_strides[0] = p.dlse_strides[0] = 0;
+  return p;
+}
+
+// The FA_BUF_* slots of the forward inputs (FlashAttention's inputs; the
+// backward's start with them).
+std::vector<int> forward_input_slots(const AttnOptions& opts) {
+  const InputIndex ix = input_index(opts);
+  std::vector<int> slots(ix.count);
+  slots[0] = FA_BUF_Q;
+  slots[1] = FA_BUF_K;
+  slots[2] = FA_BUF_V;
+  if (ix.mask >= 0) slots[ix.mask] = FA_BUF_MASK;
+  if (ix.alibi >= 0) slots[ix.alibi] = FA_BUF_ALIBI;
+  if (ix.sinks >= 0) slots[ix.sinks] = FA_BUF_SINKS;
+  if (ix.seqs >= 0) slots[ix.seqs] = FA_BUF_SEQS;
+  if (ix.key >= 0) slots[ix.key] = FA_BUF_KEY;
+  return slots;
+}
+
+std::string metal_dtype(mx::Dtype t) {
+  return t == mx::float32 ? "float" : t == mx::float16 ? "half" : "bfloat";
+}
+
 flash_cpu::DType kernel_dtype(mx::Dtype t) {
   return t == mx::float32 ? flash_cpu::DType::f32
          : t == mx::float16 ? flash_cpu::DType::f16
@@ -449,10 +481,29 @@ void FlashAttention::eval_cpu(const std::vector<mx::array>& inputs,
   });
 }
 
-void FlashAttention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+#ifndef FA_HAVE_METAL
+// Builds without Metal (Linux, or MLX without MLX_BUILD_METAL); on a Mac
+// eval_gpu is in metal/eval_gpu.cpp.
+static void no_metal() {
   throw std::runtime_error(
-      "[mlx_flash_attn.attention] the Metal (GPU) kernels are not available yet; "
-      "pass stream=mx.cpu (or use mx.set_default_device(mx.cpu)) to run on the CPU.");
+      "[mlx_flash_attn.attention] this build has no Metal kernels (MLX was built without "
+      "Metal); pass stream=mx.cpu (or use mx.set_default_device(mx.cpu)) to run on the CPU.");
+}
+void FlashAttention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  no_metal();
+}
+void FlashAttentionVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  no_metal();
+}
+#endif
+
+metal::Plan FlashAttention::metal_plan(const std::vector<mx::array>& inputs,
+                                       const metal::Tuning& tune) const {
+  return metal::plan_forward(make_params(opts_, inputs), metal_dtype(inputs[0].dtype()), tune);
+}
+
+std::pair<std::vector<int>, std::vector<int>> FlashAttention::buffer_slots() const {
+  return {forward_input_slots(opts_), {FA_BUF_OUT, FA_BUF_LSE}};
 }
 
 std::vector<mx::Shape> FlashAttention::output_shapes(const std::vector<mx::array>& in) {
@@ -594,12 +645,7 @@ void FlashAttentionVJP::eval_cpu(const std::vector<mx::array>& inputs,
   const mx::array &out = inputs[nfwd], &lse = inputs[nfwd + 1];
   const mx::array &dout = inputs[nfwd + 2], &dlse = inputs[nfwd + 3];
 
-  FlashParams p = make_params(opts_, inputs);
-  for (int i = 0; i < 4; ++i) p.do_strides[i] = dout.strides()[i];
-  for (int i = 0; i < 3; ++i) p.dlse_strides[i] = dlse.strides()[i];
-  if (opts_.packed) p.do_strides[0] = p.dlse_strides[0] = 0;
-  // out and lse come straight from the forward primitive: row-contiguous.
-
+  FlashParams p = backward_params(opts_, inputs);
   flash_cpu::BackwardArgs a{};
   a.fwd = forward_args(opts_, inputs);
   a.fwd.out = const_cast<void*>(static_cast<const void*>(out.data<char>()));
@@ -624,10 +670,19 @@ void FlashAttentionVJP::eval_cpu(const std::vector<mx::array>& inputs,
   });
 }
 
-void FlashAttentionVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error(
-      "[mlx_flash_attn.attention] the Metal (GPU) backward kernels are not available yet; "
-      "pass stream=mx.cpu to run on the CPU.");
+metal::Plan FlashAttentionVJP::metal_plan(const std::vector<mx::array>& inputs) const {
+  return metal::plan_backward(backward_params(opts_, inputs), metal_dtype(inputs[0].dtype()),
+                              extra_.mask, extra_.alibi, extra_.sinks);
+}
+
+std::pair<std::vector<int>, std::vector<int>> FlashAttentionVJP::buffer_slots() const {
+  std::vector<int> in = forward_input_slots(opts_);
+  in.insert(in.end(), {FA_BUF_OUT, FA_BUF_LSE, FA_BUF_DOUT, FA_BUF_DLSE});
+  std::vector<int> out = {FA_BUF_DQ, FA_BUF_DK, FA_BUF_DV};
+  if (extra_.mask) out.push_back(FA_BUF_DMASK);
+  if (extra_.alibi) out.push_back(FA_BUF_DALIBI);
+  if (extra_.sinks) out.push_back(FA_BUF_DSINKS);
+  return {in, out};
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> FlashAttentionVJP::vmap(

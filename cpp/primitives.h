@@ -6,6 +6,7 @@
 #include "mlx/primitives.h"
 
 #include "flash_params.h"
+#include "metal/dispatch.h"
 
 namespace mlx_flash_attn {
 
@@ -63,6 +64,12 @@ class FlashAttention : public mx::Primitive {
 
   const AttnOptions& options() const { return opts_; }
 
+  // The Metal kernels' plan for these evaluated inputs, and the FA_BUF_*
+  // slot of every input and output (cpp/metal/dispatch.h).
+  metal::Plan metal_plan(const std::vector<mx::array>& inputs,
+                         const metal::Tuning& tune = {}) const;
+  std::pair<std::vector<int>, std::vector<int>> buffer_slots() const;
+
  private:
   AttnOptions opts_;
 };
@@ -97,6 +104,9 @@ class FlashAttentionVJP : public mx::Primitive {
   const char* name() const override { return "FlashAttentionVJP"; }
 
   std::vector<mx::Dtype> output_dtypes(const std::vector<mx::array>& inputs) const;
+
+  metal::Plan metal_plan(const std::vector<mx::array>& inputs) const;
+  std::pair<std::vector<int>, std::vector<int>> buffer_slots() const;
 
  private:
   AttnOptions opts_;

@@ -68,4 +68,11 @@ struct FlashParams {
   // a hash of (seed, b, h, i, j), so the backward pass regenerates it.
   float dropout_p;
   unsigned int seed[2];
+
+  // Launch geometry of the Metal kernels, set by their dispatcher
+  // (cpp/metal/dispatch.cpp); the CPU kernels ignore it.
+  int heads_per_block; // query heads of one GQA group stacked in a block's rows
+  int rows_per_head;   // query rows per head in a block: FA_BLOCK_Q / heads_per_block
+  int n_splits;        // key splits of the forward (flash-decoding); 1: none
+  int split_keys;      // keys per split, a multiple of the key tile
 };

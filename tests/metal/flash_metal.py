@@ -69,3 +69,31 @@ def attention(q, k, v, min_split_keys=None, race_check=False, **opts):
     out, _ = fa.attention(q, k, v, return_lse=True, stream=mx.cpu, **opts)
     run = run_plan(out, min_split_keys, race_check)
     return run.outputs[0], run.outputs[1], run
+
+
+def grads(q, k, v, dout, dlse, diff=(), **opts):
+    """The gradients of sum(out * dout) + sum(lse * dlse) through the emulated
+    Metal backward, with respect to q, k, v and the options named in `diff`
+    (mask, alibi_slopes, sinks), in that order, reduced to their shapes."""
+    names = ["q", "k", "v", *diff]
+    args = [q, k, v] + [opts.pop(n) for n in diff]
+
+    def loss(*xs):
+        out, lse = fa.attention(*xs[:3], return_lse=True, stream=mx.cpu,
+                                **dict(zip(names[3:], xs[3:])), **opts)
+        return (out.astype(mx.float32) * dout).sum() + (mx.where(mx.isinf(lse), 0.0, lse) * dlse).sum()
+
+    lazy = mx.grad(loss, argnums=tuple(range(len(args))))(*args)
+    run = run_plan(lazy[0])
+    result = run.outputs[:3]
+    # Extra gradients come in the primitive's order: mask, slopes, sinks.
+    extra = dict(zip([n for n in ("mask", "alibi_slopes", "sinks") if n in diff], run.outputs[3:]))
+    for name, x in zip(diff, args[3:]):
+        # The primitive's gradient is per (B, Hq[, Lq, Lk]); broadcast axes of
+        # the argument are summed, as the graph after the primitive does.
+        g = extra[name]
+        lead = g.ndim - x.ndim
+        g = g.sum(axis=tuple(range(lead))) if lead else g
+        axes = tuple(i for i in range(x.ndim) if x.shape[i] == 1 and g.shape[i] != 1)
+        result.append(g.sum(axis=axes, keepdims=True) if axes else g)
+    return result, run

@@ -89,6 +89,11 @@ nb::dict metal_plan(const mx::array& root, std::optional<long> min_split_keys) {
   }
   nb::dict r;
   r["params"] = nb::bytes(reinterpret_cast<const char*>(&plan.params), sizeof(FlashParams));
+  r["geometry"] = nb::dict();
+  r["geometry"]["heads_per_block"] = plan.params.heads_per_block;
+  r["geometry"]["rows_per_head"] = plan.params.rows_per_head;
+  r["geometry"]["n_splits"] = plan.params.n_splits;
+  r["geometry"]["split_keys"] = plan.params.split_keys;
   r["launches"] = launches;
   r["scratch"] = scratch;
   r["inputs"] = ins;

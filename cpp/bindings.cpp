@@ -180,6 +180,12 @@ NB_MODULE(_ext, m) {
         "Test hook: the Metal kernel plan of the primitive that computes `array`, with "
         "its inputs' bytes, as eval_gpu would run it (tests/metal/test_flash_kernels.py).");
 
+#ifdef FA_HAVE_METAL
+  m.attr("has_metal") = true;
+#else
+  m.attr("has_metal") = false;
+#endif
+
   m.def("cpu_isa", &flash_cpu::isa_name,
         "The instruction set the CPU kernels use on this machine.");
 }

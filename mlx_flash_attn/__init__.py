@@ -8,9 +8,14 @@ import mlx.core as mx  # registers mx.array with nanobind before _ext loads
 
 from . import _ext
 
-__all__ = ["attention", "attention_varlen", "cpu_isa", "patch_mlx_lm", "unpatch_mlx_lm", "patched_mlx_lm"]
+__all__ = ["attention", "attention_varlen", "cpu_isa", "has_metal", "patch_mlx_lm", "unpatch_mlx_lm", "patched_mlx_lm"]
 
 cpu_isa = _ext.cpu_isa
+
+
+def has_metal():
+    """Whether this build carries the Metal kernels (built on a Mac with MLX's Metal backend)."""
+    return _ext.has_metal
 
 
 def attention(

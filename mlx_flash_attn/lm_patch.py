@@ -22,8 +22,9 @@ Handed back to the original mlx-lm / MLX code (same results as unpatched):
 - quantized KV caches (``kv_bits``; caches with ``.bits``): the kernel does
   not read quantized keys/values, so mlx-lm's
   ``quantized_scaled_dot_product_attention`` runs;
-- GPU default device / GPU streams: the extension has no Metal kernels yet, so
-  on a Mac with the default GPU device everything goes to
+- GPU default device / GPU streams: the Metal kernels are verified only in
+  emulation so far (never on an Apple GPU), so on a Mac with the default GPU
+  device everything goes to
   ``mx.fast.scaled_dot_product_attention`` as before (set
   ``mx.set_default_device(mx.cpu)`` to use the CPU kernel);
 - head dims above 256 or dtypes other than float32/float16/bfloat16.
@@ -340,8 +341,8 @@ def patch_mlx_lm():
     """Send every attention call of mlx-lm models through ``mlx_flash_attn``.
 
     Covers models imported before and after this call. Idempotent. Quantized
-    KV caches, GPU devices/streams (no Metal kernels yet: on a Mac with the
-    default GPU device nothing changes) and head dims > 256 are handed back
+    KV caches, GPU devices/streams (the Metal kernels are not yet verified on
+    an Apple GPU: on a Mac with the default GPU device nothing changes) and head dims > 256 are handed back
     to mlx-lm's own code. See this module's docstring for the details.
     """
     global _state

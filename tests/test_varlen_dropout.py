@@ -82,8 +82,14 @@ def test_varlen_gradients_equal_per_sequence(rng, dtype):
     g1 = mx.grad(packed, argnums=(0, 1, 2))(q, k, v)
     g2 = mx.grad(split, argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g1, g2):
-        # Same kernel, same blocks per sequence: identical up to summation order.
-        np.testing.assert_allclose(to64(a), to64(b), rtol=1e-5, atol=1e-5)
+        if dtype == mx.bfloat16 and fa.cpu_isa() == "avx512-amx":
+            # AMX rounds P to bfloat16 per key block, and packed sequences
+            # start their blocks elsewhere: equal up to that rounding.
+            a, b = to64(a), to64(b)
+            assert np.abs(a - b).max() <= 1e-2 * np.abs(b).max()
+        else:
+            # Same kernel, same blocks per sequence: identical up to summation order.
+            np.testing.assert_allclose(to64(a), to64(b), rtol=1e-5, atol=1e-5)
 
 
 VARLEN_ERRORS = [

@@ -65,6 +65,7 @@ void* thread_scratch(size_t nbytes);
   void forward(const ForwardArgs& args);   \
   void backward(const BackwardArgs& args); \
   }
+FA_DECLARE_ISA(amx) // AVX-512 plus AMX tiles for bfloat16
 FA_DECLARE_ISA(avx512)
 FA_DECLARE_ISA(avx2)
 FA_DECLARE_ISA(generic)

@@ -14,6 +14,12 @@
 
 #include "kernel_common.h"
 
+#if defined(__AMX_BF16__)
+#include <new>
+
+#include "amx.h"
+#endif
+
 namespace flash_cpu {
 namespace FA_ISA {
 namespace {
@@ -176,6 +182,131 @@ struct Task {
   }
 };
 
+#if defined(__AMX_BF16__)
+// ---------------------------------------------------------------------------
+// bfloat16 on AMX: the same task with the two block GEMMs on tiles (amx.h).
+// K and V are packed into the tile layouts once per head beforehand, so the
+// per-block work is the GEMMs and the float32 softmax in between.
+// ---------------------------------------------------------------------------
+template <typename T>
+constexpr bool is_bf16 = false;
+template <>
+constexpr bool is_bf16<bf16_t> = true;
+
+struct AmxTask {
+  const Task<bf16_t>& base; // options, softmax and finish are shared
+  PackShape shape;
+  const uint16_t* kpack; // one packed K and V per (batch, K/V head); one
+  const uint16_t* vpack; // per K/V head when packed (shared buffers)
+
+  void run(int b, int hg, int qb) const {
+    const ForwardArgs& a = base.a;
+    const FlashParams& p = base.p;
+    const Seq sq = seq_of(p, a.seqs, b);
+    long i0;
+    const int nqh = block_rows(sq.qrows_begin, sq.qrows_end, qb, base.nqi, &i0);
+    if (nqh == 0) return;
+    const int nq = base.hpt * nqh, rows = (nq + 31) / 32 * 32;
+    const int h0 = hg * base.hpt, hk = h0 / p.gqa_ratio;
+    const int dp = shape.dp, dvp = shape.dvp;
+    long kbeg, kend;
+    visible_keys(p, sq, i0, i0 + nqh, &kbeg, &kend);
+
+    float *qraw, *s, *o, *m, *l, *alpha, *praw;
+    carve_scratch({{&qraw, size_t(BQ) * dp / 2}, {&s, size_t(BQ) * BK}, {&o, size_t(BQ) * dvp},
+                   {&m, BQ}, {&l, BQ}, {&alpha, BQ}, {&praw, size_t(BQ) * BK / 2}});
+    uint16_t* q16 = reinterpret_cast<uint16_t*>(qraw);
+    uint16_t* p16 = reinterpret_cast<uint16_t*>(praw);
+    memset(q16, 0, sizeof(uint16_t) * size_t(rows) * dp);
+    memset(p16, 0, sizeof(uint16_t) * size_t(rows) * BK);
+    memset(o, 0, sizeof(float) * size_t(rows) * dvp);
+    for (int i = 0; i < nq; ++i) {
+      m[i] = -INFINITY;
+      l[i] = 0.0f;
+    }
+    // Q rows as raw bfloat16; the scale is applied to S in float32.
+    for (int r = 0; r < nq && kbeg < kend; ++r) {
+      const uint16_t* q = static_cast<const uint16_t*>(a.q) + b * p.q_strides[0] +
+                          (h0 + r / nqh) * p.q_strides[1] + (i0 + r % nqh) * p.q_strides[2];
+      for (int d = 0; d < p.D; ++d) q16[r * dp + d] = q[d * p.q_strides[3]];
+    }
+    const size_t head = size_t(p.packed ? 0 : b) * p.Hk + hk;
+    const PackedKV kv{kpack + head * shape.k_elems(), vpack + head * shape.v_elems()};
+
+    tiles_begin();
+    // Blocks aligned to BK, where the packing put them; the per-row masks
+    // hide the keys of a block outside [kbeg, kend).
+    for (long j0 = kbeg / BK * BK; j0 < kend; j0 += BK) {
+      const int nk = p.Lk - j0 < BK ? int(p.Lk - j0) : BK;
+      qk_block_amx(q16, rows, dp, kv, shape.lkp, j0, s);
+      const vf16 scale = splat(p.scale);
+      for (int r = 0; r < nq; ++r) {
+        float* srow = s + r * BK;
+        for (int c = 0; c < BK; c += 16) store16(srow + c, load16(srow + c) * scale);
+        const int h = h0 + r / nqh;
+        const float slope = p.has_alibi ? per_head(a.alibi, p.alibi_strides, b, h) : 0.0f;
+        if (p.softcap > 0.0f) apply_softcap(p, srow, nk);
+        apply_bias_and_mask(p, sq, a.mask, b, h, i0 + r % nqh, j0, nk, slope, srow);
+      }
+      base.softmax_update(nq, s, m, l, alpha);
+      for (int r = 0; r < nq; ++r) {
+        if (p.dropout_p > 0.0f) dropout_row(p, b, h0 + r / nqh, i0 + r % nqh, j0, nk, s + r * BK);
+        to_bf16(s + r * BK, BK, p16 + r * BK);
+        const vf16 al = splat(alpha[r]);
+        for (int d = 0; d < dvp; d += 16) store16(o + r * dvp + d, load16(o + r * dvp + d) * al);
+      }
+      pv_block_amx(p16, rows, kv, dvp, j0, o);
+    }
+    tiles_end();
+
+    for (int hh = 0; hh < base.hpt; ++hh) {
+      const int r = hh * nqh;
+      base.finish(b, h0 + hh, i0, nqh, o + r * dvp, m + r, l + r, dvp);
+    }
+  }
+};
+#endif
+
+// Runs t.run(b, group, qb) for every task. Order: the last query blocks
+// first, since with causal masking they see the most keys; dynamic hand-out
+// then balances the cores.
+template <typename TaskT>
+void run_tasks(const TaskT& t, int nqb, int ngroups, int64_t ntasks) {
+  struct Ctx { const TaskT* t; int nqb; int ngroups; } ctx{&t, nqb, ngroups};
+  parallel_for(ntasks, [](void* c, int64_t i) {
+    const Ctx& x = *static_cast<const Ctx*>(c);
+    const int qb = x.nqb - 1 - int(i % x.nqb);
+    const int64_t bh = i / x.nqb;
+    x.t->run(int(bh / x.ngroups), int(bh % x.ngroups), qb);
+  }, &ctx);
+}
+
+#if defined(__AMX_BF16__)
+// Packs K and V of every (batch, K/V head) in parallel, then runs the tasks.
+void run_amx(const Task<bf16_t>& task, int nqb, int ngroups, int64_t ntasks) {
+  const FlashParams& p = task.p;
+  const PackShape shape = pack_shape(p);
+  const int64_t nheads = int64_t(p.packed ? 1 : p.B) * p.Hk;
+  const size_t per_head = shape.k_elems() + shape.v_elems();
+  uint16_t* buf = static_cast<uint16_t*>(
+      aligned_alloc(64, (nheads * per_head * sizeof(uint16_t) + 63) / 64 * 64));
+  if (!buf) throw std::bad_alloc();
+  AmxTask amx{task, shape, buf, buf + nheads * shape.k_elems()};
+  parallel_for(nheads, [](void* c, int64_t i) {
+    const AmxTask& t = *static_cast<const AmxTask*>(c);
+    const FlashParams& p = t.base.p;
+    const int b = int(i / p.Hk), hk = int(i % p.Hk);
+    pack_kv(p, t.shape,
+            static_cast<const uint16_t*>(t.base.a.k) + b * p.k_strides[0] + hk * p.k_strides[1],
+            static_cast<const uint16_t*>(t.base.a.v) + b * p.v_strides[0] + hk * p.v_strides[1],
+            const_cast<uint16_t*>(t.kpack) + i * t.shape.k_elems(),
+            const_cast<uint16_t*>(t.vpack) + i * t.shape.v_elems());
+  }, &amx);
+  run_tasks(amx, nqb, ngroups, ntasks);
+  free(buf);
+}
+#endif
+
 template <typename T>
 void run_all(const ForwardArgs& a) {
   const FlashParams& p = *a.p;
@@ -185,15 +316,13 @@ void run_all(const ForwardArgs& a) {
   const int ngroups = p.Hq / hpt;
   const int64_t ntasks = int64_t(p.B) * ngroups * nqb;
   if (ntasks == 0) return;
-  struct Ctx { const Task<T>* t; int nqb; int ngroups; } ctx{&task, nqb, ngroups};
-  // Task order: the last query blocks first, since with causal masking they
-  // see the most keys; dynamic hand-out then balances the cores.
-  parallel_for(ntasks, [](void* c, int64_t t) {
-    const Ctx& x = *static_cast<const Ctx*>(c);
-    const int qb = x.nqb - 1 - int(t % x.nqb);
-    const int64_t bh = t / x.nqb;
-    x.t->run(int(bh / x.ngroups), int(bh % x.ngroups), qb);
-  }, &ctx);
+#if defined(__AMX_BF16__)
+  // Packing K and V costs about one pass over them: worth it when several
+  // query blocks reuse them, not for decoding (one block per head).
+  if constexpr (is_bf16<T>)
+    if (nqb >= 2) return run_amx(task, nqb, ngroups, ntasks);
+#endif
+  run_tasks(task, nqb, ngroups, ntasks);
 }
 
 } // namespace

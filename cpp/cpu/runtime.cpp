@@ -12,9 +12,32 @@
 
 #include "flash_cpu.h"
 
+#if defined(FA_HAVE_X86_KERNELS)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace flash_cpu {
 
 namespace {
+
+#if defined(FA_HAVE_X86_KERNELS)
+// AMX tiles with bfloat16 dot products, and AVX512-BF16 conversions. Linux
+// hands out the tile state only to processes that ask for it
+// (ARCH_REQ_XCOMP_PERM for XTILEDATA); the request fails where the kernel or
+// the hypervisor does not support AMX.
+bool amx_bf16_usable() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool tiles = (d >> 22 & 1) && (d >> 24 & 1); // AMX-BF16, AMX-TILE
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  const bool avx512_bf16 = a >> 5 & 1;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return tiles && avx512_bf16 &&
+         syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+#endif
 
 struct Isa {
   const char* name;
@@ -26,8 +49,10 @@ Isa detect_isa() {
 #if defined(FA_HAVE_X86_KERNELS)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    if (amx_bf16_usable()) return {"avx512-amx", &amx::forward, &amx::backward};
     return {"avx512", &avx512::forward, &avx512::backward};
+  }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c"))
     return {"avx2", &avx2::forward, &avx2::backward};

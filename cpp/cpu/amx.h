@@ -102,19 +102,20 @@ inline void qk_block_amx(const uint16_t* q, int rows, int dp, const PackedKV& kv
     }
 }
 
-// O (rows x dvp f32) += P (rows x BK bf16) V for keys [j0, j0 + BK); BK = 64
-// keys are two 32-key steps.
+// T (rows x dvp f32) = P (rows x BK bf16) V for keys [j0, j0 + BK); BK = 64
+// keys are two 32-key steps. The caller merges T into O while rescaling O,
+// so O is never loaded into tiles.
 static_assert(BK == 64, "pv_block_amx takes BK as two steps of 32 keys");
 inline void pv_block_amx(const uint16_t* pb, int rows, const PackedKV& kv, int dvp, long j0,
-                         float* o) {
+                         float* t) {
   for (int r = 0; r < rows; r += 2 * kTile) {
     _tile_loadd(2, pb + r * BK, BK * 2);
     _tile_loadd(3, pb + r * BK + 32, BK * 2);
     _tile_loadd(4, pb + (r + kTile) * BK, BK * 2);
     _tile_loadd(5, pb + (r + kTile) * BK + 32, BK * 2);
     for (int d = 0; d < dvp; d += kTile) {
-      _tile_loadd(0, o + size_t(r) * dvp + d, dvp * 4);
-      _tile_loadd(1, o + size_t(r + kTile) * dvp + d, dvp * 4);
+      _tile_zero(0);
+      _tile_zero(1);
       const uint16_t* vt = kv.v + (size_t(j0 / 2) * dvp + d) * 2;
       _tile_loadd(6, vt, dvp * 4);
       _tile_loadd(7, vt + size_t(kTile) * dvp * 2, dvp * 4);
@@ -122,8 +123,8 @@ inline void pv_block_amx(const uint16_t* pb, int rows, const PackedKV& kv, int d
       _tile_dpbf16ps(0, 3, 7);
       _tile_dpbf16ps(1, 4, 6);
       _tile_dpbf16ps(1, 5, 7);
-      _tile_stored(0, o + size_t(r) * dvp + d, dvp * 4);
-      _tile_stored(1, o + size_t(r + kTile) * dvp + d, dvp * 4);
+      _tile_stored(0, t + size_t(r) * dvp + d, dvp * 4);
+      _tile_stored(1, t + size_t(r + kTile) * dvp + d, dvp * 4);
     }
   }
 }

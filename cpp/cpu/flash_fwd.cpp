@@ -212,8 +212,9 @@ struct AmxTask {
     long kbeg, kend;
     visible_keys(p, sq, i0, i0 + nqh, &kbeg, &kend);
 
-    float *qraw, *s, *o, *m, *l, *alpha, *praw;
+    float *qraw, *s, *o, *pv, *m, *l, *alpha, *praw;
     carve_scratch({{&qraw, size_t(BQ) * dp / 2}, {&s, size_t(BQ) * BK}, {&o, size_t(BQ) * dvp},
+                   {&pv, size_t(BQ) * dvp},
                    {&m, BQ}, {&l, BQ}, {&alpha, BQ}, {&praw, size_t(BQ) * BK / 2}});
     uint16_t* q16 = reinterpret_cast<uint16_t*>(qraw);
     uint16_t* p16 = reinterpret_cast<uint16_t*>(praw);
@@ -252,10 +253,14 @@ struct AmxTask {
       for (int r = 0; r < nq; ++r) {
         if (p.dropout_p > 0.0f) dropout_row(p, b, h0 + r / nqh, i0 + r % nqh, j0, nk, s + r * BK);
         to_bf16(s + r * BK, BK, p16 + r * BK);
-        const vf16 al = splat(alpha[r]);
-        for (int d = 0; d < dvp; d += 16) store16(o + r * dvp + d, load16(o + r * dvp + d) * al);
       }
-      pv_block_amx(p16, rows, kv, dvp, j0, o);
+      pv_block_amx(p16, rows, kv, dvp, j0, pv);
+      for (int r = 0; r < nq; ++r) { // O = alpha O + P V
+        const vf16 al = splat(alpha[r]);
+        float* orow = o + r * dvp;
+        for (int d = 0; d < dvp; d += 16)
+          store16(orow + d, load16(orow + d) * al + load16(pv + r * dvp + d));
+      }
     }
     tiles_end();
 

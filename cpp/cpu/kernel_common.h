@@ -7,7 +7,7 @@
 #include <math.h>
 #include <string.h>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -80,16 +80,31 @@ inline vf16 exp2v(vf16 x) {
   return x < -126.0f ? splat(0.0f) : out;
 }
 
+// Horizontal max and sum as trees (4 dependent steps, not 15: they run once
+// per row per block).
+#if defined(__AVX512F__)
 inline float hmax(vf16 v) {
-  float m = v[0];
-  for (int i = 1; i < 16; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+  return _mm512_reduce_max_ps(__m512(v));
 }
 inline float hsum(vf16 v) {
-  float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
+  return _mm512_reduce_add_ps(__m512(v));
 }
+#else
+inline float hmax(vf16 v) {
+  float t[16];
+  memcpy(t, &v, sizeof(t));
+  for (int w = 8; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] = t[i + w] > t[i] ? t[i + w] : t[i];
+  return t[0];
+}
+inline float hsum(vf16 v) {
+  float t[16];
+  memcpy(t, &v, sizeof(t));
+  for (int w = 8; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+}
+#endif
 
 // ---------------------------------------------------------------------------
 // Element types: float, and 16-bit floats kept as raw bits.

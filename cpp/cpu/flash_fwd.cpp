@@ -37,6 +37,9 @@ inline int heads_per_task(const FlashParams& p) {
   return g;
 }
 
+// Below this many rows a task computes S by dot products (qk_direct).
+constexpr int kFewRows = 8;
+
 template <typename T>
 struct Task {
   const ForwardArgs& a;
@@ -85,9 +88,14 @@ struct Task {
 
     for (long j0 = kbeg; j0 < kend; j0 += BK) {
       const int nk = kend - j0 < BK ? int(kend - j0) : BK;
-      load_kv(k, v, j0, nk, kt, vf, dvp);
-
-      for_row_blocks(nq, [&]<int R>(int i) { qk_rows<R>(qf + i * D, D, kt, D, s + i * BK); });
+      // Few rows (decoding): dot products with K's rows beat transposing
+      // the block, which would be used by only those rows.
+      const bool few_rows = nq < kFewRows;
+      load_kv(k, v, j0, nk, few_rows ? nullptr : kt, vf, dvp);
+      if (few_rows)
+        qk_direct(qf, nq, k, j0, nk, s);
+      else
+        for_row_blocks(nq, [&]<int R>(int i) { qk_rows<R>(qf + i * D, D, kt, D, s + i * BK); });
 
       for (int r = 0; r < nq; ++r) {
         const int h = h0 + r / nqh;
@@ -112,20 +120,35 @@ struct Task {
     }
   }
 
-  // Converts keys [j0, j0 + nk) to float: K transposed (D x BK), V (BK x dvp),
-  // both zero-padded so the fixed-width GEMMs read defined values.
+  // Converts keys [j0, j0 + nk) to float: K transposed (D x BK) unless kt
+  // is null, V (BK x dvp), zero-padded so the fixed-width GEMMs read
+  // defined values.
   void load_kv(const T* k, const T* v, long j0, int nk, float* kt, float* vf, int dvp) const {
     const int D = p.D, Dv = p.Dv;
     float row[FA_MAX_HEAD_DIM];
     for (int j = 0; j < nk; ++j) {
-      load_row(k + (j0 + j) * p.k_strides[2], p.k_strides[3], D, 1.0f, row);
-      for (int d = 0; d < D; ++d) kt[d * BK + j] = row[d];
+      if (kt) {
+        load_row(k + (j0 + j) * p.k_strides[2], p.k_strides[3], D, 1.0f, row);
+        for (int d = 0; d < D; ++d) kt[d * BK + j] = row[d];
+      }
       load_row(v + (j0 + j) * p.v_strides[2], p.v_strides[3], Dv, 1.0f, vf + j * dvp);
       for (int d = Dv; d < dvp; ++d) vf[j * dvp + d] = 0.0f;
     }
-    for (int d = 0; d < D; ++d)
-      for (int j = nk; j < BK; ++j) kt[d * BK + j] = 0.0f;
+    if (kt)
+      for (int d = 0; d < D; ++d)
+        for (int j = nk; j < BK; ++j) kt[d * BK + j] = 0.0f;
     if (nk < BK) memset(vf + nk * dvp, 0, sizeof(float) * size_t(BK - nk) * dvp);
+  }
+
+  // S[r][j] = Q[r] . K[j0 + j] for nq rows, row by row of K (the columns
+  // past nk are masked later).
+  void qk_direct(const float* qf, int nq, const T* k, long j0, int nk, float* s) const {
+    const int D = p.D;
+    float row[FA_MAX_HEAD_DIM];
+    for (int j = 0; j < nk; ++j) {
+      load_row(k + (j0 + j) * p.k_strides[2], p.k_strides[3], D, 1.0f, row);
+      for (int r = 0; r < nq; ++r) s[r * BK + j] = dot(qf + r * D, row, D);
+    }
   }
 
   // Online softmax: per row, new max m, rescale factor alpha for the old

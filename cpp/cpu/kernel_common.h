@@ -254,6 +254,16 @@ inline void pv_block(const float* p, int ldp, const float* alpha, const float* v
   }
 }
 
+// a . b over n floats.
+inline float dot(const float* a, const float* b, int n) {
+  vf16 acc{};
+  int d = 0;
+  for (; d + 16 <= n; d += 16) acc += load16(a + d) * load16(b + d);
+  float sum = hsum(acc);
+  for (; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
 // Runs a row-blocked kernel over n rows: full blocks of ROWS, then the tail.
 template <typename F>
 inline void for_row_blocks(int n, F&& f) {

@@ -1,16 +1,20 @@
-// AMX building blocks for bfloat16 inputs (the "amx" build only): K and V
-// packed once per head into the tile layouts, and the two block GEMMs of the
-// forward on 16x16 float32 tiles.
+// AMX building blocks for bfloat16 inputs (the "amx" build only): operands
+// packed into the tile layouts, and two block GEMMs on 16x16 float32 tiles.
 //
-// An AMX dot product C (16 x 16 f32) += A (16 x 32 bf16) B, where B holds 32
-// rows of 16 columns as 16 rows of (column, row pair) words ("VNNI"). So:
-//   S = Q K^T: A = 16 rows of Q (32 dims), B = K^T: word (r, n) = K[n][2r, 2r+1];
-//   O += P V:  A = 16 rows of P (32 keys),  B = V:   word (r, d) = V[2r, 2r+1][d].
-// Tile registers: C in tmm0-3, A and B in tmm4-7 (S) or tmm2-7 (P V).
+// An AMX dot product C (16 x 16 f32) += A (16 x 32 bf16) B, where A is 16
+// plain rows and B holds 32 rows of 16 columns as 16 rows of (column, row
+// pair) words. Two packed layouts of an (n x d) matrix X cover every use:
+//   "transposed pairs" (B = X^T): word (r, i) = X[i][2r], X[i][2r + 1],
+//     e.g. K for S = Q K^T, V for dP = dO V^T;
+//   "row pairs" (B = X):          word (r, c) = X[2r][c], X[2r + 1][c],
+//     e.g. V for O = P V, K for dQ = dS K, Q and dO for dK and dV.
+// Tile registers: C in tmm0-3, A and B in tmm2-7.
 #pragma once
 
 #include <immintrin.h>
 #include <stdlib.h>
+
+#include <new>
 
 #include "kernel_common.h"
 
@@ -45,96 +49,96 @@ inline int round_up(long n, int m) {
   return int((n + m - 1) / m * m);
 }
 
-// K and V of one (batch, K/V head), packed: keys padded to BK, D to 32 and
-// Dv to 16 with zeros, so every tile load is in bounds and padding adds 0.
-struct PackedKV {
-  const uint16_t* k; // (dp / 2) x lkp words: K^T pairs
-  const uint16_t* v; // (lkp / 2) x dvp words: V row pairs
-};
-struct PackShape {
-  int lkp, dp, dvp;
-  size_t k_elems() const { return size_t(lkp) * dp; }
-  size_t v_elems() const { return size_t(lkp) * dvp; }
-};
-inline PackShape pack_shape(const FlashParams& p) {
-  return {round_up(p.Lk, BK), round_up(p.D, 32), round_up(p.Dv, 16)};
+// X (n x d, element strides rs, cs) packed, zero-padded to np rows (even)
+// and dp columns; the padding multiplies as zeros.
+inline void pack_rows(const uint16_t* x, long n, int d, fa_index_t rs, fa_index_t cs, int np,
+                      int dp, uint16_t* out) { // plain rows: out[i * dp + c]
+  for (int i = 0; i < np; ++i)
+    for (int c = 0; c < dp; ++c) out[size_t(i) * dp + c] = i < n && c < d ? x[i * rs + c * cs] : 0;
+}
+inline void pack_transposed_pairs(const uint16_t* x, long n, int d, fa_index_t rs, fa_index_t cs,
+                                  int np, int dp, uint16_t* out) { // dp even
+  // Row by row of X: the writes of 16 consecutive rows fill whole cache
+  // lines of the packed rows.
+  for (int i = 0; i < np; ++i)
+    for (int c = 0; c < dp; ++c)
+      out[(size_t(c / 2) * np + i) * 2 + c % 2] = i < n && c < d ? x[i * rs + c * cs] : 0;
+}
+inline void pack_row_pairs(const uint16_t* x, long n, int d, fa_index_t rs, fa_index_t cs, int np,
+                           int dp, uint16_t* out) { // np even
+  for (int i = 0; i < np; ++i)
+    for (int c = 0; c < dp; ++c)
+      out[(size_t(i / 2) * dp + c) * 2 + i % 2] = i < n && c < d ? x[i * rs + c * cs] : 0;
 }
 
-inline void pack_kv(const FlashParams& p, const PackShape& s, const uint16_t* k,
-                    const uint16_t* v, uint16_t* kp, uint16_t* vp) {
-  const fa_index_t ks = p.k_strides[2], kd = p.k_strides[3];
-  const fa_index_t vs = p.v_strides[2], vd = p.v_strides[3];
-  // Key by key: reads run along a row; the writes of 16 consecutive keys
-  // fill whole cache lines of the packed rows.
-  for (int n = 0; n < s.lkp; ++n) {
-    for (int d = 0; d < s.dp; ++d)
-      kp[(size_t(d / 2) * s.lkp + n) * 2 + d % 2] = n < p.Lk && d < p.D ? k[n * ks + d * kd] : 0;
-    for (int d = 0; d < s.dvp; ++d)
-      vp[(size_t(n / 2) * s.dvp + d) * 2 + n % 2] = n < p.Lk && d < p.Dv ? v[n * vs + d * vd] : 0;
-  }
-}
-
-// S (rows x BK, f32, row stride BK) = Q (rows x dp bf16, row stride dp) K^T
-// for keys [j0, j0 + BK); rows is a multiple of 32.
-inline void qk_block_amx(const uint16_t* q, int rows, int dp, const PackedKV& kv, int lkp,
-                         long j0, float* s) {
+// C (rows x 64 f32, row stride 64) = A (rows x kd bf16, row stride lda) B^T,
+// B^T in transposed pairs with np columns, from column (row of B) j0; rows a
+// multiple of 32, kd of 32.
+inline void gemm_abt(const uint16_t* a, int rows, int lda, int kd, const uint16_t* bt, int np,
+                     long j0, float* c) {
+  static_assert(BK == 64, "gemm_abt makes 64-column blocks");
   for (int r = 0; r < rows; r += 2 * kTile)
-    for (int c = 0; c < BK; c += 2 * kTile) {
+    for (int col = 0; col < BK; col += 2 * kTile) {
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      for (int d = 0; d < dp; d += 32) {
-        _tile_loadd(4, q + size_t(r) * dp + d, dp * 2);
-        _tile_loadd(5, q + size_t(r + kTile) * dp + d, dp * 2);
-        const uint16_t* kt = kv.k + (size_t(d / 2) * lkp + j0 + c) * 2;
-        _tile_loadd(6, kt, lkp * 4);
-        _tile_loadd(7, kt + 2 * kTile, lkp * 4);
+      for (int d = 0; d < kd; d += 32) {
+        _tile_loadd(4, a + size_t(r) * lda + d, lda * 2);
+        _tile_loadd(5, a + size_t(r + kTile) * lda + d, lda * 2);
+        const uint16_t* b = bt + (size_t(d / 2) * np + j0 + col) * 2;
+        _tile_loadd(6, b, np * 4);
+        _tile_loadd(7, b + 2 * kTile, np * 4);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
       }
-      _tile_stored(0, s + r * BK + c, BK * 4);
-      _tile_stored(1, s + r * BK + c + kTile, BK * 4);
-      _tile_stored(2, s + (r + kTile) * BK + c, BK * 4);
-      _tile_stored(3, s + (r + kTile) * BK + c + kTile, BK * 4);
+      _tile_stored(0, c + r * BK + col, BK * 4);
+      _tile_stored(1, c + r * BK + col + kTile, BK * 4);
+      _tile_stored(2, c + (r + kTile) * BK + col, BK * 4);
+      _tile_stored(3, c + (r + kTile) * BK + col + kTile, BK * 4);
     }
 }
 
-// T (rows x dvp f32) = P (rows x BK bf16) V for keys [j0, j0 + BK); BK = 64
-// keys are two 32-key steps. The caller merges T into O while rescaling O,
-// so O is never loaded into tiles.
-static_assert(BK == 64, "pv_block_amx takes BK as two steps of 32 keys");
-inline void pv_block_amx(const uint16_t* pb, int rows, const PackedKV& kv, int dvp, long j0,
-                         float* t) {
+// C (rows x n f32, row stride n) = A (rows x 64 bf16, row stride 64) B, B the
+// 64 rows from row i0 (even) of a row-pairs pack of n columns (n a multiple
+// of 16); rows a multiple of 32. The 64 inner rows are two steps of 32.
+inline void gemm_ab(const uint16_t* a, int rows, const uint16_t* b, int n, long i0, float* c) {
   for (int r = 0; r < rows; r += 2 * kTile) {
-    _tile_loadd(2, pb + r * BK, BK * 2);
-    _tile_loadd(3, pb + r * BK + 32, BK * 2);
-    _tile_loadd(4, pb + (r + kTile) * BK, BK * 2);
-    _tile_loadd(5, pb + (r + kTile) * BK + 32, BK * 2);
-    for (int d = 0; d < dvp; d += kTile) {
+    _tile_loadd(2, a + r * BK, BK * 2);
+    _tile_loadd(3, a + r * BK + 32, BK * 2);
+    _tile_loadd(4, a + (r + kTile) * BK, BK * 2);
+    _tile_loadd(5, a + (r + kTile) * BK + 32, BK * 2);
+    for (int col = 0; col < n; col += kTile) {
       _tile_zero(0);
       _tile_zero(1);
-      const uint16_t* vt = kv.v + (size_t(j0 / 2) * dvp + d) * 2;
-      _tile_loadd(6, vt, dvp * 4);
-      _tile_loadd(7, vt + size_t(kTile) * dvp * 2, dvp * 4);
+      const uint16_t* bp = b + (size_t(i0 / 2) * n + col) * 2;
+      _tile_loadd(6, bp, n * 4);
+      _tile_loadd(7, bp + size_t(kTile) * n * 2, n * 4);
       _tile_dpbf16ps(0, 2, 6);
       _tile_dpbf16ps(0, 3, 7);
       _tile_dpbf16ps(1, 4, 6);
       _tile_dpbf16ps(1, 5, 7);
-      _tile_stored(0, t + size_t(r) * dvp + d, dvp * 4);
-      _tile_stored(1, t + size_t(r + kTile) * dvp + d, dvp * 4);
+      _tile_stored(0, c + size_t(r) * n + col, n * 4);
+      _tile_stored(1, c + size_t(r + kTile) * n + col, n * 4);
     }
   }
 }
 
-// Float32 rows to bfloat16 (round to nearest even), 32 at a time.
+// Float32 to bfloat16 (round to nearest even), n a multiple of 32.
 inline void to_bf16(const float* x, int n, uint16_t* y) {
   for (int i = 0; i < n; i += 32) {
     __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
     _mm512_storeu_si512(y + i, (__m512i)v);
   }
+}
+
+// A 64-byte aligned buffer of n uint16, or bad_alloc.
+inline uint16_t* alloc_u16(size_t n) {
+  void* p = aligned_alloc(64, (n * sizeof(uint16_t) + 63) / 64 * 64);
+  if (!p) throw std::bad_alloc();
+  return static_cast<uint16_t*>(p);
 }
 
 } // namespace

@@ -15,8 +15,6 @@
 #include "kernel_common.h"
 
 #if defined(__AMX_BF16__)
-#include <new>
-
 #include "amx.h"
 #endif
 
@@ -218,9 +216,12 @@ constexpr bool is_bf16<bf16_t> = true;
 
 struct AmxTask {
   const Task<bf16_t>& base; // options, softmax and finish are shared
-  PackShape shape;
-  const uint16_t* kpack; // one packed K and V per (batch, K/V head); one
-  const uint16_t* vpack; // per K/V head when packed (shared buffers)
+  int lkp, dp, dvp;         // keys padded to BK, D to 32, Dv to 16
+  const uint16_t* kpack;    // per (batch, K/V head), or per K/V head when
+  const uint16_t* vpack;    // packed (shared buffers): K^T and V tiles
+
+  size_t k_elems() const { return size_t(lkp) * dp; }
+  size_t v_elems() const { return size_t(lkp) * dvp; }
 
   void run(int b, int hg, int qb) const {
     const ForwardArgs& a = base.a;
@@ -231,14 +232,13 @@ struct AmxTask {
     if (nqh == 0) return;
     const int nq = base.hpt * nqh, rows = (nq + 31) / 32 * 32;
     const int h0 = hg * base.hpt, hk = h0 / p.gqa_ratio;
-    const int dp = shape.dp, dvp = shape.dvp;
     long kbeg, kend;
     visible_keys(p, sq, i0, i0 + nqh, &kbeg, &kend);
 
     float *qraw, *s, *o, *pv, *m, *l, *alpha, *praw;
     carve_scratch({{&qraw, size_t(BQ) * dp / 2}, {&s, size_t(BQ) * BK}, {&o, size_t(BQ) * dvp},
-                   {&pv, size_t(BQ) * dvp},
-                   {&m, BQ}, {&l, BQ}, {&alpha, BQ}, {&praw, size_t(BQ) * BK / 2}});
+                   {&pv, size_t(BQ) * dvp}, {&m, BQ}, {&l, BQ}, {&alpha, BQ},
+                   {&praw, size_t(BQ) * BK / 2}});
     uint16_t* q16 = reinterpret_cast<uint16_t*>(qraw);
     uint16_t* p16 = reinterpret_cast<uint16_t*>(praw);
     memset(q16, 0, sizeof(uint16_t) * size_t(rows) * dp);
@@ -255,14 +255,15 @@ struct AmxTask {
       for (int d = 0; d < p.D; ++d) q16[r * dp + d] = q[d * p.q_strides[3]];
     }
     const size_t head = size_t(p.packed ? 0 : b) * p.Hk + hk;
-    const PackedKV kv{kpack + head * shape.k_elems(), vpack + head * shape.v_elems()};
+    const uint16_t* kt = kpack + head * k_elems();
+    const uint16_t* vp = vpack + head * v_elems();
 
     tiles_begin();
     // Blocks aligned to BK, where the packing put them; the per-row masks
     // hide the keys of a block outside [kbeg, kend).
     for (long j0 = kbeg / BK * BK; j0 < kend; j0 += BK) {
       const int nk = p.Lk - j0 < BK ? int(p.Lk - j0) : BK;
-      qk_block_amx(q16, rows, dp, kv, shape.lkp, j0, s);
+      gemm_abt(q16, rows, dp, dp, kt, lkp, j0, s);
       const vf16 scale = splat(p.scale);
       for (int r = 0; r < nq; ++r) {
         float* srow = s + r * BK;
@@ -277,7 +278,7 @@ struct AmxTask {
         if (p.dropout_p > 0.0f) dropout_row(p, b, h0 + r / nqh, i0 + r % nqh, j0, nk, s + r * BK);
         to_bf16(s + r * BK, BK, p16 + r * BK);
       }
-      pv_block_amx(p16, rows, kv, dvp, j0, pv);
+      gemm_ab(p16, rows, vp, dvp, j0, pv);
       for (int r = 0; r < nq; ++r) { // O = alpha O + P V
         const vf16 al = splat(alpha[r]);
         float* orow = o + r * dvp;
@@ -313,22 +314,23 @@ void run_tasks(const TaskT& t, int nqb, int ngroups, int64_t ntasks) {
 // Packs K and V of every (batch, K/V head) in parallel, then runs the tasks.
 void run_amx(const Task<bf16_t>& task, int nqb, int ngroups, int64_t ntasks) {
   const FlashParams& p = task.p;
-  const PackShape shape = pack_shape(p);
   const int64_t nheads = int64_t(p.packed ? 1 : p.B) * p.Hk;
-  const size_t per_head = shape.k_elems() + shape.v_elems();
-  uint16_t* buf = static_cast<uint16_t*>(
-      aligned_alloc(64, (nheads * per_head * sizeof(uint16_t) + 63) / 64 * 64));
-  if (!buf) throw std::bad_alloc();
-  AmxTask amx{task, shape, buf, buf + nheads * shape.k_elems()};
+  AmxTask amx{task, round_up(p.Lk, BK), round_up(p.D, 32), round_up(p.Dv, 16), nullptr, nullptr};
+  uint16_t* buf = alloc_u16(nheads * (amx.k_elems() + amx.v_elems()));
+  amx.kpack = buf;
+  amx.vpack = buf + nheads * amx.k_elems();
   parallel_for(nheads, [](void* c, int64_t i) {
     const AmxTask& t = *static_cast<const AmxTask*>(c);
     const FlashParams& p = t.base.p;
     const int b = int(i / p.Hk), hk = int(i % p.Hk);
-    pack_kv(p, t.shape,
-            static_cast<const uint16_t*>(t.base.a.k) + b * p.k_strides[0] + hk * p.k_strides[1],
-            static_cast<const uint16_t*>(t.base.a.v) + b * p.v_strides[0] + hk * p.v_strides[1],
-            const_cast<uint16_t*>(t.kpack) + i * t.shape.k_elems(),
-            const_cast<uint16_t*>(t.vpack) + i * t.shape.v_elems());
+    const uint16_t* k =
+        static_cast<const uint16_t*>(t.base.a.k) + b * p.k_strides[0] + hk * p.k_strides[1];
+    const uint16_t* v =
+        static_cast<const uint16_t*>(t.base.a.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+    pack_transposed_pairs(k, p.Lk, p.D, p.k_strides[2], p.k_strides[3], t.lkp, t.dp,
+                          const_cast<uint16_t*>(t.kpack) + i * t.k_elems());
+    pack_row_pairs(v, p.Lk, p.Dv, p.v_strides[2], p.v_strides[3], t.lkp, t.dvp,
+                   const_cast<uint16_t*>(t.vpack) + i * t.v_elems());
   }, &amx);
   run_tasks(amx, nqb, ngroups, ntasks);
   free(buf);

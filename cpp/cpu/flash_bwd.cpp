@@ -19,6 +19,10 @@
 
 #include "kernel_common.h"
 
+#if defined(__AMX_BF16__)
+#include "amx.h"
+#endif
+
 namespace flash_cpu {
 namespace FA_ISA {
 namespace {
@@ -27,6 +31,20 @@ inline int pad16(int n) {
   return (n + 15) / 16 * 16;
 }
 
+// bfloat16 operands packed once for AMX (amx.h), in the avx512-amx build:
+// per K/V head K^T and V^T (transposed pairs) and K (row pairs); per query
+// head Q and dO as plain rows and as row pairs. Rows are padded to a block
+// multiple plus one block (tasks may start mid-block), D and Dv to 32.
+struct AmxPacks {
+  int lkp, lqp, dp, dvp;
+  uint16_t *kt, *vt, *kr, *qrow, *dorow, *qr, *dor;
+  // Offsets of head `kv` / `qh` (batch entry 0 when packed) in the packs.
+  size_t kd(size_t kv) const { return kv * lkp * dp; }
+  size_t kv_(size_t kv) const { return kv * lkp * dvp; }
+  size_t qd(size_t qh) const { return qh * lqp * dp; }
+  size_t qv(size_t qh) const { return qh * lqp * dvp; }
+};
+
 template <typename T>
 struct Backward {
   const BackwardArgs& a;
@@ -34,6 +52,7 @@ struct Backward {
   const float* delta; // (B, Hq, Lq)
   float* partials;    // (B, Hq, nqb, 2): ALiBi and sink gradient sums per dQ task
   int nqb;            // query blocks per (batch, head)
+  const AmxPacks* amx; // bfloat16 on AMX: the packed operands; else null
 
   const T* q_row(int b, int h, long i) const {
     return static_cast<const T*>(a.fwd.q) + b * p.q_strides[0] + h * p.q_strides[1] +
@@ -98,6 +117,13 @@ struct Backward {
       qk_rows<R>(qf + i * Dp, Dp, kt, p.D, s + i * BK);
       qk_rows<R>(dof + i * dvp, dvp, vt, p.Dv, dp + i * BK);
     });
+    probabilities(sq, b, h, i0, nq, j0, nk, slope, lse, del, s, dp, cap);
+  }
+
+  // From S (scaled scores) and dP = dO V^T of a block: P (times dropout)
+  // over S and dS over dP.
+  void probabilities(const Seq& sq, int b, int h, long i0, int nq, long j0, int nk, float slope,
+                     const float* lse, const float* del, float* s, float* dp, float* cap) const {
     const vf16 l2e = splat(kLog2e);
     for (int i = 0; i < nq; ++i) {
       float* srow = s + i * BK;
@@ -145,6 +171,33 @@ struct Backward {
       }
   }
 
+#if defined(__AMX_BF16__)
+  // The AMX operands of one block of query rows [i0, i0 + nq) of head h.
+  struct AmxBlock {
+    const uint16_t *q, *dout; // plain rows from row i0 (A operands)
+    size_t kv;                // K/V head in the packs
+    int rows;                 // nq rounded up to 32 (tile pairs)
+    uint16_t* ds16;           // rows x BK bfloat16 scratch, zero past nq
+  };
+  AmxBlock amx_block(int b, int h, int hk, long i0, int nq, float* scratch) const {
+    const size_t qh = size_t(p.packed ? 0 : b) * p.Hq + h;
+    AmxBlock ab{amx->qrow + amx->qd(qh) + size_t(i0) * amx->dp,
+                amx->dorow + amx->qv(qh) + size_t(i0) * amx->dvp,
+                size_t(p.packed ? 0 : b) * p.Hk + hk, (nq + 31) / 32 * 32,
+                reinterpret_cast<uint16_t*>(scratch)};
+    memset(ab.ds16, 0, sizeof(uint16_t) * BQ * BK);
+    tiles_begin();
+    return ab;
+  }
+  // S (scaled) and dP = dO V^T of the block's rows and keys [j0, j0 + BK).
+  void amx_scores(const AmxBlock& ab, long j0, float* s, float* dp) const {
+    gemm_abt(ab.q, ab.rows, amx->dp, amx->dp, amx->kt + amx->kd(ab.kv), amx->lkp, j0, s);
+    gemm_abt(ab.dout, ab.rows, amx->dvp, amx->dvp, amx->vt + amx->kv_(ab.kv), amx->lkp, j0, dp);
+    const vf16 scale = splat(p.scale);
+    for (int i = 0; i < ab.rows * BK; i += 16) store16(s + i, load16(s + i) * scale);
+  }
+#endif
+
   // --- dQ pass: query block qb of head h in batch b. ---
   void dq_task(int b, int h, int qb) const {
     const Seq sq = seq_of(p, a.fwd.seqs, b);
@@ -153,10 +206,11 @@ struct Backward {
     if (nq == 0) return;
     const int hk = h / p.gqa_ratio;
     const int D = p.D, Dp = pad16(D), dvp = pad16(p.Dv);
-    float *qf, *dqa, *dof, *s, *dp, *cap, *lse, *del, *kt, *vt, *km;
+    float *qf, *dqa, *dof, *s, *dp, *cap, *lse, *del, *kt, *vt, *km, *tmp, *ds;
     carve_scratch({{&qf, size_t(BQ) * Dp}, {&dqa, size_t(BQ) * Dp}, {&dof, size_t(BQ) * dvp},
                    {&s, BQ * BK}, {&dp, BQ * BK}, {&cap, BQ * BK}, {&lse, BQ}, {&del, BQ},
-                   {&kt, size_t(D) * BK}, {&vt, size_t(p.Dv) * BK}, {&km, size_t(BK) * Dp}});
+                   {&kt, size_t(D) * BK}, {&vt, size_t(p.Dv) * BK}, {&km, size_t(BK) * Dp},
+                   {&tmp, amx ? size_t(BQ) * amx->dp : 0}, {&ds, amx ? BQ * BK / 2 : 0}});
 
     load_queries(b, h, i0, nq, qf, dof, lse, del);
     memset(dqa, 0, sizeof(float) * BQ * Dp);
@@ -167,10 +221,25 @@ struct Backward {
 
     long kbeg, kend;
     visible_keys(p, sq, i0, i0 + nq, &kbeg, &kend);
+#if defined(__AMX_BF16__)
+    const AmxBlock ab = amx ? amx_block(b, h, hk, i0, nq, ds) : AmxBlock{};
+    // AMX reads K in pairs of rows: blocks start at multiples of BK, the
+    // per-row masks hide the keys outside [kbeg, kend).
+    if (amx) kbeg = kbeg / BK * BK;
+#endif
     for (long j0 = kbeg; j0 < kend; j0 += BK) {
-      const int nk = kend - j0 < BK ? int(kend - j0) : BK;
-      load_keys(b, hk, j0, nk, kt, vt, km);
-      scores(sq, b, h, i0, nq, j0, nk, slope, qf, dof, kt, vt, lse, del, s, dp, cap);
+      int nk = kend - j0 < BK ? int(kend - j0) : BK;
+#if defined(__AMX_BF16__)
+      if (amx) {
+        nk = p.Lk - j0 < BK ? int(p.Lk - j0) : BK;
+        amx_scores(ab, j0, s, dp);
+        probabilities(sq, b, h, i0, nq, j0, nk, slope, lse, del, s, dp, cap);
+      } else
+#endif
+      {
+        load_keys(b, hk, j0, nk, kt, vt, km);
+        scores(sq, b, h, i0, nq, j0, nk, slope, qf, dof, kt, vt, lse, del, s, dp, cap);
+      }
       for (int i = 0; i < nq; ++i) {
         const float* dsrow = dp + i * BK;
         if (a.dmask) memcpy(a.dmask + row_index(b, h, i0 + i) * p.Lk + j0, dsrow, sizeof(float) * nk);
@@ -183,10 +252,23 @@ struct Backward {
         }
       }
       if (p.softcap > 0.0f) softcap_chain(nq, dp, cap);
+#if defined(__AMX_BF16__)
+      if (amx) { // dQ += dS K
+        for (int i = 0; i < nq; ++i) to_bf16(dp + i * BK, BK, ab.ds16 + i * BK);
+        gemm_ab(ab.ds16, ab.rows, amx->kr + amx->kd(ab.kv), amx->dp, j0, tmp);
+        for (int i = 0; i < nq; ++i)
+          for (int d = 0; d < Dp; d += 16)
+            store16(dqa + i * Dp + d, load16(dqa + i * Dp + d) + load16(tmp + i * amx->dp + d));
+        continue;
+      }
+#endif
       for_row_blocks(nq, [&]<int R>(int i) {
         pv_block<R>(dp + i * BK, BK, nullptr, km, Dp, nk, dqa + i * Dp);
       });
     }
+#if defined(__AMX_BF16__)
+    if (amx) tiles_end();
+#endif
 
     T* dq = static_cast<T*>(a.dq) + row_index(b, h, i0) * D;
     for (int i = 0; i < nq; ++i)
@@ -209,17 +291,24 @@ struct Backward {
     const int nk = block_rows(sq.krows_begin, sq.krows_end, kb, BK, &j0);
     if (nk == 0) return;
     const int D = p.D, Dv = p.Dv, Dp = pad16(D), dvp = pad16(Dv);
-    float *kt, *vt, *dka, *dva, *pt, *dst, *qf, *dof, *s, *dp, *cap, *lse, *del;
+    float *kt, *vt, *dka, *dva, *pt, *dst, *qf, *dof, *s, *dp, *cap, *lse, *del, *tmp, *pd16;
+    const size_t amx_cols = amx ? size_t(amx->dp > amx->dvp ? amx->dp : amx->dvp) : 0;
     carve_scratch({{&kt, size_t(D) * BK}, {&vt, size_t(Dv) * BK}, {&dka, size_t(BK) * Dp},
                    {&dva, size_t(BK) * dvp}, {&pt, BK * BQ}, {&dst, BK * BQ},
                    {&qf, size_t(BQ) * Dp}, {&dof, size_t(BQ) * dvp}, {&s, BQ * BK},
-                   {&dp, BQ * BK}, {&cap, BQ * BK}, {&lse, BQ}, {&del, BQ}});
+                   {&dp, BQ * BK}, {&cap, BQ * BK}, {&lse, BQ}, {&del, BQ},
+                   {&tmp, BK * amx_cols}, {&pd16, amx ? BK * BQ : 0}});
 
-    load_keys(b, hk, j0, nk, kt, vt, nullptr);
     memset(dka, 0, sizeof(float) * BK * Dp);
     memset(dva, 0, sizeof(float) * BK * dvp);
     long qbeg, qend;
     visible_queries(p, sq, j0, j0 + nk, &qbeg, &qend);
+#if defined(__AMX_BF16__)
+    if (amx)
+      return dkv_task_amx(b, hk, sq, j0, nk, qbeg, qend, dka, dva,
+                          {s, dp, cap, lse, del, pt, dst, tmp, reinterpret_cast<uint16_t*>(pd16)});
+#endif
+    load_keys(b, hk, j0, nk, kt, vt, nullptr);
     for (int h = hk * p.gqa_ratio; h < (hk + 1) * p.gqa_ratio; ++h) {
       const float slope = p.has_alibi ? per_head(a.fwd.alibi, p.alibi_strides, b, h) : 0.0f;
       for (long i0 = qbeg; i0 < qend; i0 += BQ) {
@@ -238,14 +327,80 @@ struct Backward {
         });
       }
     }
+    write_dkv(b, hk, j0, nk, dka, dva, 1.0f);
+  }
+
+  // dK (times dk_scale) and dV of keys [j0, j0 + nk) of K/V head hk.
+  void write_dkv(int b, int hk, long j0, int nk, const float* dka, const float* dva,
+                 float dk_scale) const {
+    const int D = p.D, Dv = p.Dv, Dp = pad16(D), dvp = pad16(Dv);
     const size_t kv_row = out_row(p, p.Hk, p.Lk, b, hk, j0);
     T* dk = static_cast<T*>(a.dk) + kv_row * D;
     T* dv = static_cast<T*>(a.dv) + kv_row * Dv;
     for (int j = 0; j < nk; ++j) {
-      for (int d = 0; d < D; ++d) dk[j * D + d] = from_float<T>(dka[j * Dp + d]);
+      for (int d = 0; d < D; ++d) dk[j * D + d] = from_float<T>(dka[j * Dp + d] * dk_scale);
       for (int d = 0; d < Dv; ++d) dv[j * Dv + d] = from_float<T>(dva[j * dvp + d]);
     }
   }
+
+#if defined(__AMX_BF16__)
+  // The dK/dV task on AMX: query blocks aligned to BQ (Q and dO are read in
+  // pairs of rows); S and dP as in the dQ pass, then P^T and dS^T (through
+  // float32 transposes) times the packed dO and Q.
+  // The dK/dV task's scratch: float32 blocks, tmp (BK x the wider padded
+  // head dim) and the bfloat16 P^T and dS^T (BK x BQ each).
+  struct DkvScratch {
+    float *s, *dp, *cap, *lse, *del, *pt, *dst, *tmp;
+    uint16_t* pd16;
+  };
+  void dkv_task_amx(int b, int hk, const Seq& sq, long j0, int nk, long qbeg, long qend,
+                    float* dka, float* dva, const DkvScratch& w) const {
+    float *s = w.s, *dp = w.dp, *cap = w.cap, *lse = w.lse, *del = w.del, *pt = w.pt,
+          *dst = w.dst, *tmp = w.tmp;
+    uint16_t *pt16 = w.pd16, *dst16 = w.pd16 + BK * BQ;
+    const int Dp = pad16(p.D), dvp = pad16(p.Dv);
+    const int keyrows = (nk + 31) / 32 * 32;
+    const size_t kv = size_t(p.packed ? 0 : b) * p.Hk + hk;
+    tiles_begin();
+    for (int h = hk * p.gqa_ratio; h < (hk + 1) * p.gqa_ratio; ++h) {
+      const float slope = p.has_alibi ? per_head(a.fwd.alibi, p.alibi_strides, b, h) : 0.0f;
+      const size_t qh = size_t(p.packed ? 0 : b) * p.Hq + h;
+      for (long i0 = qbeg / BQ * BQ; i0 < qend; i0 += BQ) {
+        const int nq = qend - i0 < BQ ? int(qend - i0) : BQ;
+        for (int i = 0; i < nq; ++i) {
+          lse[i] = a.fwd.lse[row_index(b, h, i0 + i)];
+          del[i] = delta[row_index(b, h, i0 + i)];
+        }
+        const int rows = (nq + 31) / 32 * 32;
+        gemm_abt(amx->qrow + amx->qd(qh) + size_t(i0) * amx->dp, rows, amx->dp, amx->dp,
+                 amx->kt + amx->kd(kv), amx->lkp, j0, s);
+        gemm_abt(amx->dorow + amx->qv(qh) + size_t(i0) * amx->dvp, rows, amx->dvp, amx->dvp,
+                 amx->vt + amx->kv_(kv), amx->lkp, j0, dp);
+        const vf16 scale = splat(p.scale);
+        for (int i = 0; i < nq * BK; i += 16) store16(s + i, load16(s + i) * scale);
+        probabilities(sq, b, h, i0, nq, j0, nk, slope, lse, del, s, dp, cap);
+        if (p.softcap > 0.0f) softcap_chain(nq, dp, cap);
+        for (int j = 0; j < BK; ++j)
+          for (int i = 0; i < BQ; ++i) {
+            pt[j * BQ + i] = i < nq ? s[i * BK + j] : 0.0f;
+            dst[j * BQ + i] = i < nq ? dp[i * BK + j] : 0.0f;
+          }
+        to_bf16(pt, BK * BQ, pt16);
+        to_bf16(dst, BK * BQ, dst16);
+        gemm_ab(pt16, keyrows, amx->dor + amx->qv(qh), amx->dvp, i0, tmp); // dV += (P z)^T dO
+        for (int j = 0; j < nk; ++j)
+          for (int d = 0; d < dvp; d += 16)
+            store16(dva + j * dvp + d, load16(dva + j * dvp + d) + load16(tmp + j * amx->dvp + d));
+        gemm_ab(dst16, keyrows, amx->qr + amx->qd(qh), amx->dp, i0, tmp); // dK += dS^T Q
+        for (int j = 0; j < nk; ++j)
+          for (int d = 0; d < Dp; d += 16)
+            store16(dka + j * Dp + d, load16(dka + j * Dp + d) + load16(tmp + j * amx->dp + d));
+      }
+    }
+    tiles_end();
+    write_dkv(b, hk, j0, nk, dka, dva, p.scale); // Q was not scaled here
+  }
+#endif
 
   // Delta = rowsum(dO * O) - dLSE for the rows of batch b, head h.
   void delta_rows(int b, int h, float* out) const {
@@ -268,6 +423,48 @@ void parallel(int64_t n, const F& f) {
                const_cast<F*>(&f));
 }
 
+#if defined(__AMX_BF16__)
+// Packs the bfloat16 operands of the AMX backward (AmxPacks) in parallel
+// over heads; returns the buffer holding them.
+uint16_t* pack_backward(const BackwardArgs& a, AmxPacks& pk) {
+  const FlashParams& p = *a.fwd.p;
+  const int nb = p.packed ? 1 : p.B;
+  pk.lkp = round_up(p.Lk, BK) + BK;
+  pk.lqp = round_up(p.Lq, BQ) + BQ;
+  pk.dp = round_up(p.D, 32);
+  pk.dvp = round_up(p.Dv, 32);
+  const int64_t nkv = int64_t(nb) * p.Hk, nqh = int64_t(nb) * p.Hq;
+  uint16_t* buf = alloc_u16(nkv * (2 * pk.kd(1) + pk.kv_(1)) + nqh * (2 * pk.qd(1) + 2 * pk.qv(1)));
+  pk.kt = buf;
+  pk.kr = pk.kt + pk.kd(nkv);
+  pk.vt = pk.kr + pk.kd(nkv);
+  pk.qrow = pk.vt + pk.kv_(nkv);
+  pk.qr = pk.qrow + pk.qd(nqh);
+  pk.dorow = pk.qr + pk.qd(nqh);
+  pk.dor = pk.dorow + pk.qv(nqh);
+  parallel(nkv + nqh, [&](int64_t i) {
+    if (i < nkv) {
+      const int b = int(i / p.Hk), hk = int(i % p.Hk);
+      const uint16_t* k = static_cast<const uint16_t*>(a.fwd.k) + b * p.k_strides[0] + hk * p.k_strides[1];
+      const uint16_t* v = static_cast<const uint16_t*>(a.fwd.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+      pack_transposed_pairs(k, p.Lk, p.D, p.k_strides[2], p.k_strides[3], pk.lkp, pk.dp, pk.kt + pk.kd(i));
+      pack_row_pairs(k, p.Lk, p.D, p.k_strides[2], p.k_strides[3], pk.lkp, pk.dp, pk.kr + pk.kd(i));
+      pack_transposed_pairs(v, p.Lk, p.Dv, p.v_strides[2], p.v_strides[3], pk.lkp, pk.dvp, pk.vt + pk.kv_(i));
+    } else {
+      const int64_t j = i - nkv;
+      const int b = int(j / p.Hq), h = int(j % p.Hq);
+      const uint16_t* q = static_cast<const uint16_t*>(a.fwd.q) + b * p.q_strides[0] + h * p.q_strides[1];
+      const uint16_t* d = static_cast<const uint16_t*>(a.dout) + b * p.do_strides[0] + h * p.do_strides[1];
+      pack_rows(q, p.Lq, p.D, p.q_strides[2], p.q_strides[3], pk.lqp, pk.dp, pk.qrow + pk.qd(j));
+      pack_row_pairs(q, p.Lq, p.D, p.q_strides[2], p.q_strides[3], pk.lqp, pk.dp, pk.qr + pk.qd(j));
+      pack_rows(d, p.Lq, p.Dv, p.do_strides[2], p.do_strides[3], pk.lqp, pk.dvp, pk.dorow + pk.qv(j));
+      pack_row_pairs(d, p.Lq, p.Dv, p.do_strides[2], p.do_strides[3], pk.lqp, pk.dvp, pk.dor + pk.qv(j));
+    }
+  });
+  return buf;
+}
+#endif
+
 template <typename T>
 void run_backward(const BackwardArgs& a) {
   const FlashParams& p = *a.fwd.p;
@@ -275,7 +472,13 @@ void run_backward(const BackwardArgs& a) {
   const int64_t nbh = int64_t(p.B) * p.Hq;
   float* delta = static_cast<float*>(malloc(sizeof(float) * (nbh * p.Lq + 2 * nbh * nqb + 1)));
   if (!delta) throw std::bad_alloc();
-  Backward<T> bw{a, p, delta, delta + nbh * p.Lq, nqb};
+  // bfloat16 with AMX: the GEMMs run on tiles over operands packed once.
+  AmxPacks packs{};
+  uint16_t* packed_operands = nullptr;
+#if defined(__AMX_BF16__)
+  if constexpr (is_bf16<T>) packed_operands = pack_backward(a, packs);
+#endif
+  Backward<T> bw{a, p, delta, delta + nbh * p.Lq, nqb, packed_operands ? &packs : nullptr};
 
   parallel(nbh, [&](int64_t bh) { bw.delta_rows(int(bh / p.Hq), int(bh % p.Hq), delta); });
   // Last query blocks first: under causal masks they see the most keys.
@@ -296,6 +499,7 @@ void run_backward(const BackwardArgs& a) {
     if (a.dalibi) a.dalibi[bh] = float(d_alibi);
     if (a.dsinks) a.dsinks[bh] = float(d_sink);
   }
+  free(packed_operands);
   free(delta);
 }
 

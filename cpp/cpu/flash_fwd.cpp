@@ -209,11 +209,6 @@ struct Task {
 // K and V are packed into the tile layouts once per head beforehand, so the
 // per-block work is the GEMMs and the float32 softmax in between.
 // ---------------------------------------------------------------------------
-template <typename T>
-constexpr bool is_bf16 = false;
-template <>
-constexpr bool is_bf16<bf16_t> = true;
-
 struct AmxTask {
   const Task<bf16_t>& base; // options, softmax and finish are shared
   int lkp, dp, dvp;         // keys padded to BK, D to 32, Dv to 16

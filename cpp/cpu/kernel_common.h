@@ -111,6 +111,10 @@ inline float hsum(vf16 v) {
 // ---------------------------------------------------------------------------
 struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };
+template <typename T>
+constexpr bool is_bf16 = false;
+template <>
+constexpr bool is_bf16<bf16_t> = true;
 
 inline float to_float(float x) { return x; }
 inline float to_float(bf16_t x) {

@@ -15,8 +15,10 @@ ISAS = ["generic", "avx2", "avx512", "avx512-amx"]
 
 def isa_in_child(isa):
     env = dict(os.environ, MLX_FLASH_ATTN_ISA=isa)
+    # cwd: not the repository root, whose source folder would shadow the
+    # installed package.
     out = subprocess.run([sys.executable, "-c", "import mlx_flash_attn as f; print(f.cpu_isa())"],
-                         env=env, capture_output=True, text=True, check=True)
+                         env=env, capture_output=True, text=True, check=True, cwd=TESTS)
     return out.stdout.strip()
 
 
@@ -29,5 +31,5 @@ def test_build_against_reference(isa):
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
          str(TESTS / "test_forward.py"), str(TESTS / "test_backward.py"),
          "-k", "head_dims or combined or lengths or decode"],
-        env=env, capture_output=True, text=True, cwd=TESTS.parent)
+        env=env, capture_output=True, text=True, cwd=TESTS)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]

@@ -97,3 +97,15 @@ def grads(q, k, v, dout, dlse, diff=(), **opts):
         axes = tuple(i for i in range(x.ndim) if x.shape[i] == 1 and g.shape[i] != 1)
         result.append(g.sum(axis=axes, keepdims=True) if axes else g)
     return result, run
+
+
+SEQLENS = [5, 17, 1, 40]
+
+
+def varlen_inputs(rng, dtype, Hq=4, Hk=2, D=64):
+    """Packed sequences of SEQLENS: cu_seqlens and q, k, v (total, H, D)."""
+    from reference import rand
+
+    cu = mx.array(np.concatenate([[0], np.cumsum(SEQLENS)]).astype(np.int32))
+    total = int(sum(SEQLENS))
+    return cu, rand(rng, (total, Hq, D), dtype), rand(rng, (total, Hk, D), dtype), rand(rng, (total, Hk, D), dtype)

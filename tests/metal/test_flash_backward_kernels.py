@@ -163,13 +163,8 @@ def test_padded_lengths_match_cpu_kernel(rng):
 
 
 def test_varlen_matches_cpu_kernel(rng):
-    seqlens = [5, 17, 1, 40]
-    cu = mx.array(np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32))
-    total = int(sum(seqlens))
-    q = rand(rng, (total, 4, 64), mx.float32)
-    k = rand(rng, (total, 2, 64), mx.float32)
-    v = rand(rng, (total, 2, 64), mx.float32)
-    dout = rand(rng, (total, 4, 64), mx.float32)
+    cu, q, k, v = fm.varlen_inputs(rng, mx.float32)
+    dout = rand(rng, q.shape, mx.float32)
 
     def loss(q, k, v):
         out = fm.fa.attention_varlen(q, k, v, cu, cu, 40, 40, causal=True, stream=mx.cpu)

@@ -204,12 +204,8 @@ def test_padded_lengths(rng):
 
 
 def test_varlen(rng):
-    seqlens = [5, 17, 1, 40]
-    cu = mx.array(np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32))
-    total = int(sum(seqlens))
-    q = rand(rng, (total, 4, 64), mx.bfloat16)
-    k = rand(rng, (total, 2, 64), mx.bfloat16)
-    v = rand(rng, (total, 2, 64), mx.bfloat16)
+    seqlens = fm.SEQLENS
+    cu, q, k, v = fm.varlen_inputs(rng, mx.bfloat16)
     out, lse = fm.fa.attention_varlen(q, k, v, cu, cu, max(seqlens), max(seqlens), causal=True,
                                       return_lse=True, stream=mx.cpu)
     run = fm.run_plan(out)

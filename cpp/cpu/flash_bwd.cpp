@@ -114,8 +114,8 @@ struct Backward {
               const float* del, float* s, float* dp, float* cap) const {
     const int Dp = pad16(p.D), dvp = pad16(p.Dv);
     for_row_blocks(nq, [&]<int R>(int i) {
-      qk_rows<R>(qf + i * Dp, Dp, kt, p.D, s + i * BK);
-      qk_rows<R>(dof + i * dvp, dvp, vt, p.Dv, dp + i * BK);
+      qk_rows<R>(qf + i * Dp, Dp, kt, BK, p.D, s + i * BK);
+      qk_rows<R>(dof + i * dvp, dvp, vt, BK, p.Dv, dp + i * BK);
     });
     probabilities(sq, b, h, i0, nq, j0, nk, slope, lse, del, s, dp, cap);
   }

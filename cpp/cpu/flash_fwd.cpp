@@ -12,6 +12,10 @@
 // Include nothing but C headers and our own plain headers here (see
 // flash_cpu.h for why). Shared pieces live in kernel_common.h.
 
+#include <stdlib.h>
+
+#include <new>
+
 #include "kernel_common.h"
 
 #if defined(__AMX_BF16__)
@@ -38,12 +42,23 @@ inline int heads_per_task(const FlashParams& p) {
 // Below this many rows a task computes S by dot products (qk_direct).
 constexpr int kFewRows = 8;
 
+// K^T and V of every (batch, K/V head) converted to float32 once, for
+// tasks that share them (see run_all): K^T is D x lkp, V lkp x dvp, keys
+// padded with zeros to a block multiple plus one block (tasks start their
+// blocks anywhere).
+struct FloatKV {
+  const float* kt = nullptr;
+  const float* v = nullptr;
+  int lkp = 0;
+};
+
 template <typename T>
 struct Task {
   const ForwardArgs& a;
   const FlashParams& p;
   int hpt; // query heads per task
   int nqi; // query rows per head per task: BQ / hpt
+  FloatKV kv;
 
   // Rows of the task: row r is head h0 + r / nqh, query i0 + r % nqh.
   void run(int b, int hg, int qb) const {
@@ -86,14 +101,24 @@ struct Task {
 
     for (long j0 = kbeg; j0 < kend; j0 += BK) {
       const int nk = kend - j0 < BK ? int(kend - j0) : BK;
+      // K^T and V: converted once per head beforehand, or per block here.
       // Few rows (decoding): dot products with K's rows beat transposing
       // the block, which would be used by only those rows.
-      const bool few_rows = nq < kFewRows;
-      load_kv(k, v, j0, nk, few_rows ? nullptr : kt, vf, dvp);
+      const bool few_rows = nq < kFewRows && !kv.kt;
+      const float* ktb = kt;
+      int ldk = BK;
+      if (kv.kt) {
+        const size_t head = size_t(p.packed ? 0 : b) * p.Hk + hk;
+        ktb = kv.kt + head * D * kv.lkp + j0;
+        ldk = kv.lkp;
+        vf = const_cast<float*>(kv.v) + (head * kv.lkp + j0) * dvp;
+      } else {
+        load_kv(k, v, j0, nk, few_rows ? nullptr : kt, vf, dvp);
+      }
       if (few_rows)
         qk_direct(qf, nq, k, j0, nk, s);
       else
-        for_row_blocks(nq, [&]<int R>(int i) { qk_rows<R>(qf + i * D, D, kt, D, s + i * BK); });
+        for_row_blocks(nq, [&]<int R>(int i) { qk_rows<R>(qf + i * D, D, ktb, ldk, D, s + i * BK); });
 
       for (int r = 0; r < nq; ++r) {
         const int h = h0 + r / nqh;
@@ -332,22 +357,64 @@ void run_amx(const Task<bf16_t>& task, int nqb, int ngroups, int64_t ntasks) {
 }
 #endif
 
+// Converts K^T and V of every (batch, K/V head) to float32 in parallel
+// (FloatKV); returns the buffer.
+template <typename T>
+float* convert_kv(const Task<T>& task, FloatKV& kv) {
+  const FlashParams& p = task.p;
+  const int64_t nheads = int64_t(p.packed ? 1 : p.B) * p.Hk;
+  const int dvp = (p.Dv + 15) / 16 * 16;
+  kv.lkp = (p.Lk + BK - 1) / BK * BK + BK;
+  const size_t per_head = size_t(kv.lkp) * (p.D + dvp);
+  float* buf = static_cast<float*>(aligned_alloc(64, (nheads * per_head * 4 + 63) / 64 * 64));
+  if (!buf) throw std::bad_alloc();
+  kv.kt = buf;
+  kv.v = buf + nheads * size_t(kv.lkp) * p.D;
+  struct Ctx { const FlashParams& p; const Task<T>& t; float* kt; float* v; int lkp, dvp; } ctx{
+      p, task, buf, buf + nheads * size_t(kv.lkp) * p.D, kv.lkp, dvp};
+  parallel_for(nheads, [](void* c, int64_t i) {
+    const Ctx& x = *static_cast<const Ctx*>(c);
+    const FlashParams& p = x.p;
+    const int b = int(i / p.Hk), hk = int(i % p.Hk);
+    const T* k = static_cast<const T*>(x.t.a.k) + b * p.k_strides[0] + hk * p.k_strides[1];
+    const T* v = static_cast<const T*>(x.t.a.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+    float* kt = x.kt + i * size_t(x.lkp) * p.D;
+    float* vv = x.v + i * size_t(x.lkp) * x.dvp;
+    float row[FA_MAX_HEAD_DIM];
+    for (int n = 0; n < x.lkp; ++n) {
+      if (n < p.Lk) {
+        load_row(k + n * p.k_strides[2], p.k_strides[3], p.D, 1.0f, row);
+        for (int d = 0; d < p.D; ++d) kt[size_t(d) * x.lkp + n] = row[d];
+        load_row(v + n * p.v_strides[2], p.v_strides[3], p.Dv, 1.0f, vv + size_t(n) * x.dvp);
+        for (int d = p.Dv; d < x.dvp; ++d) vv[size_t(n) * x.dvp + d] = 0.0f;
+      } else {
+        for (int d = 0; d < p.D; ++d) kt[size_t(d) * x.lkp + n] = 0.0f;
+        for (int d = 0; d < x.dvp; ++d) vv[size_t(n) * x.dvp + d] = 0.0f;
+      }
+    }
+  }, &ctx);
+  return buf;
+}
+
 template <typename T>
 void run_all(const ForwardArgs& a) {
   const FlashParams& p = *a.p;
   const int hpt = heads_per_task(p);
-  Task<T> task{a, p, hpt, BQ / hpt};
+  Task<T> task{a, p, hpt, BQ / hpt, {}};
   const int nqb = (p.max_rows_q + task.nqi - 1) / task.nqi;
   const int ngroups = p.Hq / hpt;
   const int64_t ntasks = int64_t(p.B) * ngroups * nqb;
   if (ntasks == 0) return;
+  // Converting (packing) K and V up front costs about one pass over them:
+  // worth it when several query blocks reuse them, not for decoding (one
+  // block per head), where the blocks are converted as they stream by.
+  if (nqb < 2) return run_tasks(task, nqb, ngroups, ntasks);
 #if defined(__AMX_BF16__)
-  // Packing K and V costs about one pass over them: worth it when several
-  // query blocks reuse them, not for decoding (one block per head).
-  if constexpr (is_bf16<T>)
-    if (nqb >= 2) return run_amx(task, nqb, ngroups, ntasks);
+  if constexpr (is_bf16<T>) return run_amx(task, nqb, ngroups, ntasks);
 #endif
+  float* buf = convert_kv(task, task.kv);
   run_tasks(task, nqb, ngroups, ntasks);
+  free(buf);
 }
 
 } // namespace

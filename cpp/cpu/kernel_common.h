@@ -201,14 +201,14 @@ inline void load_row(const T* src, fa_index_t stride, int n, float mul, float* d
 // Block GEMMs.
 // ---------------------------------------------------------------------------
 
-// S[r][0:BK] = sum_d Q[r][d] * Kt[d][0:BK] for R rows.
+// S[r][0:BK] = sum_d Q[r][d] * Kt[d][0:BK] for R rows; Kt has row stride ldk.
 template <int R>
-inline void qk_rows(const float* q, int ldq, const float* kt, int D, float* s) {
+inline void qk_rows(const float* q, int ldq, const float* kt, int ldk, int D, float* s) {
   vf16 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = vf16{};
   for (int d = 0; d < D; ++d) {
-    const float* kd = kt + d * BK;
+    const float* kd = kt + size_t(d) * ldk;
     vf16 k0 = load16(kd), k1 = load16(kd + 16), k2 = load16(kd + 32), k3 = load16(kd + 48);
     for (int r = 0; r < R; ++r) {
       vf16 qb = splat(q[r * ldq + d]);

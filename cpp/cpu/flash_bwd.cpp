@@ -31,6 +31,15 @@ inline int pad16(int n) {
   return (n + 15) / 16 * 16;
 }
 
+// Operands converted to float32 once (the FMA kernels): per K/V head K^T
+// (D x lkp), V^T (Dv x lkp) and K rows (lkp x Dp); per query head Q times
+// scale (lqp x Dp) and dO (lqp x dvp). Rows padded with zeros to a block
+// multiple plus one block (tasks start their blocks anywhere).
+struct FloatPacks {
+  int lkp, lqp;
+  float *kt, *vt, *km, *qf, *dof;
+};
+
 // bfloat16 operands packed once for AMX (amx.h), in the avx512-amx build:
 // per K/V head K^T and V^T (transposed pairs) and K (row pairs); per query
 // head Q and dO as plain rows and as row pairs. Rows are padded to a block
@@ -53,6 +62,7 @@ struct Backward {
   float* partials;    // (B, Hq, nqb, 2): ALiBi and sink gradient sums per dQ task
   int nqb;            // query blocks per (batch, head)
   const AmxPacks* amx; // bfloat16 on AMX: the packed operands; else null
+  const FloatPacks* fp; // otherwise: the float32 operands
 
   const T* q_row(int b, int h, long i) const {
     return static_cast<const T*>(a.fwd.q) + b * p.q_strides[0] + h * p.q_strides[1] +
@@ -66,56 +76,39 @@ struct Backward {
     return out_row(p, p.Hq, p.Lq, b, h, i);
   }
 
-  // Queries [i0, i0 + nq) of head h: Q * scale (row stride Dp), dO (row
-  // stride dvp), zero-padded, and their LSE and Delta.
-  void load_queries(int b, int h, long i0, int nq, float* qf, float* dof, float* lse,
-                    float* del) const {
-    const int D = p.D, Dv = p.Dv, Dp = pad16(D), dvp = pad16(Dv);
+  // The LSE and Delta of rows [i0, i0 + nq) of head h and, with the float32
+  // packs, their Q (scaled) and dO rows.
+  void query_rows(int b, int h, long i0, int nq, const float*& qf, const float*& dof, float* lse,
+                  float* del) const {
+    if (fp) {
+      const size_t qh = size_t(p.packed ? 0 : b) * p.Hq + h;
+      qf = fp->qf + (qh * fp->lqp + i0) * pad16(p.D);
+      dof = fp->dof + (qh * fp->lqp + i0) * pad16(p.Dv);
+    }
     for (int i = 0; i < nq; ++i) {
-      load_row(q_row(b, h, i0 + i), p.q_strides[3], D, p.scale, qf + i * Dp);
-      for (int d = D; d < Dp; ++d) qf[i * Dp + d] = 0.0f;
-      load_row(do_row(b, h, i0 + i), p.do_strides[3], Dv, 1.0f,
-               dof + i * dvp);
-      for (int d = Dv; d < dvp; ++d) dof[i * dvp + d] = 0.0f;
       lse[i] = a.fwd.lse[row_index(b, h, i0 + i)];
       del[i] = delta[row_index(b, h, i0 + i)];
     }
   }
-
-  // Keys [j0, j0 + nk) of kv head hk as K^T (D x BK), V^T (Dv x BK) and, if
-  // km is given, K (BK x Dp); zero-padded.
-  void load_keys(int b, int hk, long j0, int nk, float* kt, float* vt, float* km) const {
-    const int D = p.D, Dv = p.Dv, Dp = pad16(D);
-    const T* k = static_cast<const T*>(a.fwd.k) + b * p.k_strides[0] + hk * p.k_strides[1];
-    const T* v = static_cast<const T*>(a.fwd.v) + b * p.v_strides[0] + hk * p.v_strides[1];
-    float row[FA_MAX_HEAD_DIM];
-    for (int j = 0; j < nk; ++j) {
-      load_row(k + (j0 + j) * p.k_strides[2], p.k_strides[3], D, 1.0f, row);
-      for (int d = 0; d < D; ++d) kt[d * BK + j] = row[d];
-      if (km) {
-        memcpy(km + j * Dp, row, sizeof(float) * D);
-        for (int d = D; d < Dp; ++d) km[j * Dp + d] = 0.0f;
-      }
-      load_row(v + (j0 + j) * p.v_strides[2], p.v_strides[3], Dv, 1.0f, row);
-      for (int d = 0; d < Dv; ++d) vt[d * BK + j] = row[d];
-    }
-    for (int j = nk; j < BK; ++j) {
-      for (int d = 0; d < D; ++d) kt[d * BK + j] = 0.0f;
-      for (int d = 0; d < Dv; ++d) vt[d * BK + j] = 0.0f;
-    }
+  // K^T, V^T (row stride fp->lkp) and K rows from key j0 of K/V head hk.
+  void key_cols(int b, int hk, long j0, const float*& kt, const float*& vt,
+                const float*& km) const {
+    const size_t kv = size_t(p.packed ? 0 : b) * p.Hk + hk;
+    kt = fp->kt + kv * p.D * fp->lkp + j0;
+    vt = fp->vt + kv * p.Dv * fp->lkp + j0;
+    km = fp->km + (kv * fp->lkp + j0) * pad16(p.D);
   }
 
   // S = Qs K^T and dP = dO V^T for one (query block, key block) pair, then
   // S -> P and dP -> dS (the gradient of the score after softcap, i.e. of
   // the biases and additive mask). cap keeps the capped scores for tanh'.
   void scores(const Seq& sq, int b, int h, long i0, int nq, long j0, int nk, float slope,
-              const float* qf,
-              const float* dof, const float* kt, const float* vt, const float* lse,
-              const float* del, float* s, float* dp, float* cap) const {
+              const float* qf, const float* dof, const float* kt, const float* vt, int ldk,
+              const float* lse, const float* del, float* s, float* dp, float* cap) const {
     const int Dp = pad16(p.D), dvp = pad16(p.Dv);
     for_row_blocks(nq, [&]<int R>(int i) {
-      qk_rows<R>(qf + i * Dp, Dp, kt, BK, p.D, s + i * BK);
-      qk_rows<R>(dof + i * dvp, dvp, vt, BK, p.Dv, dp + i * BK);
+      qk_rows<R>(qf + i * Dp, Dp, kt, ldk, p.D, s + i * BK);
+      qk_rows<R>(dof + i * dvp, dvp, vt, ldk, p.Dv, dp + i * BK);
     });
     probabilities(sq, b, h, i0, nq, j0, nk, slope, lse, del, s, dp, cap);
   }
@@ -205,14 +198,14 @@ struct Backward {
     const int nq = block_rows(sq.qrows_begin, sq.qrows_end, qb, BQ, &i0);
     if (nq == 0) return;
     const int hk = h / p.gqa_ratio;
-    const int D = p.D, Dp = pad16(D), dvp = pad16(p.Dv);
-    float *qf, *dqa, *dof, *s, *dp, *cap, *lse, *del, *kt, *vt, *km, *tmp, *ds;
-    carve_scratch({{&qf, size_t(BQ) * Dp}, {&dqa, size_t(BQ) * Dp}, {&dof, size_t(BQ) * dvp},
-                   {&s, BQ * BK}, {&dp, BQ * BK}, {&cap, BQ * BK}, {&lse, BQ}, {&del, BQ},
-                   {&kt, size_t(D) * BK}, {&vt, size_t(p.Dv) * BK}, {&km, size_t(BK) * Dp},
-                   {&tmp, amx ? size_t(BQ) * amx->dp : 0}, {&ds, amx ? BQ * BK / 2 : 0}});
+    const int D = p.D, Dp = pad16(D);
+    float *dqa, *s, *dp, *cap, *lse, *del, *tmp, *ds;
+    carve_scratch({{&dqa, size_t(BQ) * Dp}, {&s, BQ * BK}, {&dp, BQ * BK}, {&cap, BQ * BK},
+                   {&lse, BQ}, {&del, BQ}, {&tmp, amx ? size_t(BQ) * amx->dp : 0},
+                   {&ds, amx ? BQ * BK / 2 : 0}});
+    const float *qf = nullptr, *dof = nullptr, *kt, *vt, *km;
 
-    load_queries(b, h, i0, nq, qf, dof, lse, del);
+    query_rows(b, h, i0, nq, qf, dof, lse, del);
     memset(dqa, 0, sizeof(float) * BQ * Dp);
     if (a.dmask)
       memset(a.dmask + row_index(b, h, i0) * p.Lk, 0, sizeof(float) * nq * size_t(p.Lk));
@@ -237,8 +230,8 @@ struct Backward {
       } else
 #endif
       {
-        load_keys(b, hk, j0, nk, kt, vt, km);
-        scores(sq, b, h, i0, nq, j0, nk, slope, qf, dof, kt, vt, lse, del, s, dp, cap);
+        key_cols(b, hk, j0, kt, vt, km);
+        scores(sq, b, h, i0, nq, j0, nk, slope, qf, dof, kt, vt, fp->lkp, lse, del, s, dp, cap);
       }
       for (int i = 0; i < nq; ++i) {
         const float* dsrow = dp + i * BK;
@@ -291,13 +284,12 @@ struct Backward {
     const int nk = block_rows(sq.krows_begin, sq.krows_end, kb, BK, &j0);
     if (nk == 0) return;
     const int D = p.D, Dv = p.Dv, Dp = pad16(D), dvp = pad16(Dv);
-    float *kt, *vt, *dka, *dva, *pt, *dst, *qf, *dof, *s, *dp, *cap, *lse, *del, *tmp, *pd16;
+    float *dka, *dva, *pt, *dst, *s, *dp, *cap, *lse, *del, *tmp, *pd16;
     const size_t amx_cols = amx ? size_t(amx->dp > amx->dvp ? amx->dp : amx->dvp) : 0;
-    carve_scratch({{&kt, size_t(D) * BK}, {&vt, size_t(Dv) * BK}, {&dka, size_t(BK) * Dp},
-                   {&dva, size_t(BK) * dvp}, {&pt, BK * BQ}, {&dst, BK * BQ},
-                   {&qf, size_t(BQ) * Dp}, {&dof, size_t(BQ) * dvp}, {&s, BQ * BK},
-                   {&dp, BQ * BK}, {&cap, BQ * BK}, {&lse, BQ}, {&del, BQ},
-                   {&tmp, BK * amx_cols}, {&pd16, amx ? BK * BQ : 0}});
+    carve_scratch({{&dka, size_t(BK) * Dp}, {&dva, size_t(BK) * dvp}, {&pt, BK * BQ},
+                   {&dst, BK * BQ}, {&s, BQ * BK}, {&dp, BQ * BK}, {&cap, BQ * BK},
+                   {&lse, BQ}, {&del, BQ}, {&tmp, BK * amx_cols}, {&pd16, amx ? BK * BQ : 0}});
+    const float *qf = nullptr, *dof = nullptr;
 
     memset(dka, 0, sizeof(float) * BK * Dp);
     memset(dva, 0, sizeof(float) * BK * dvp);
@@ -308,13 +300,14 @@ struct Backward {
       return dkv_task_amx(b, hk, sq, j0, nk, qbeg, qend, dka, dva,
                           {s, dp, cap, lse, del, pt, dst, tmp, reinterpret_cast<uint16_t*>(pd16)});
 #endif
-    load_keys(b, hk, j0, nk, kt, vt, nullptr);
+    const float *kt, *vt, *km;
+    key_cols(b, hk, j0, kt, vt, km);
     for (int h = hk * p.gqa_ratio; h < (hk + 1) * p.gqa_ratio; ++h) {
       const float slope = p.has_alibi ? per_head(a.fwd.alibi, p.alibi_strides, b, h) : 0.0f;
       for (long i0 = qbeg; i0 < qend; i0 += BQ) {
         const int nq = qend - i0 < BQ ? int(qend - i0) : BQ;
-        load_queries(b, h, i0, nq, qf, dof, lse, del);
-        scores(sq, b, h, i0, nq, j0, nk, slope, qf, dof, kt, vt, lse, del, s, dp, cap);
+        query_rows(b, h, i0, nq, qf, dof, lse, del);
+        scores(sq, b, h, i0, nq, j0, nk, slope, qf, dof, kt, vt, fp->lkp, lse, del, s, dp, cap);
         if (p.softcap > 0.0f) softcap_chain(nq, dp, cap);
         for (int i = 0; i < nq; ++i)
           for (int j = 0; j < nk; ++j) {
@@ -465,6 +458,63 @@ uint16_t* pack_backward(const BackwardArgs& a, AmxPacks& pk) {
 }
 #endif
 
+// Converts the backward's operands to float32 (FloatPacks) in parallel
+// over heads; returns the buffer holding them.
+template <typename T>
+float* convert_backward(const BackwardArgs& a, FloatPacks& fp) {
+  const FlashParams& p = *a.fwd.p;
+  const int nb = p.packed ? 1 : p.B, Dp = pad16(p.D), dvp = pad16(p.Dv);
+  fp.lkp = (p.Lk + BK - 1) / BK * BK + BK;
+  fp.lqp = (p.Lq + BQ - 1) / BQ * BQ + BQ;
+  const int64_t nkv = int64_t(nb) * p.Hk, nqh = int64_t(nb) * p.Hq;
+  const size_t kv_elems = size_t(fp.lkp) * (p.D + p.Dv + Dp);
+  const size_t q_elems = size_t(fp.lqp) * (Dp + dvp);
+  float* buf = static_cast<float*>(
+      aligned_alloc(64, ((nkv * kv_elems + nqh * q_elems) * 4 + 63) / 64 * 64));
+  if (!buf) throw std::bad_alloc();
+  fp.kt = buf;
+  fp.vt = fp.kt + nkv * size_t(fp.lkp) * p.D;
+  fp.km = fp.vt + nkv * size_t(fp.lkp) * p.Dv;
+  fp.qf = fp.km + nkv * size_t(fp.lkp) * Dp;
+  fp.dof = fp.qf + nqh * size_t(fp.lqp) * Dp;
+  parallel(nkv + nqh, [&](int64_t i) {
+    float row[FA_MAX_HEAD_DIM];
+    if (i < nkv) {
+      const int b = int(i / p.Hk), hk = int(i % p.Hk);
+      const T* k = static_cast<const T*>(a.fwd.k) + b * p.k_strides[0] + hk * p.k_strides[1];
+      const T* v = static_cast<const T*>(a.fwd.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+      float* kt = fp.kt + i * size_t(fp.lkp) * p.D;
+      float* vt = fp.vt + i * size_t(fp.lkp) * p.Dv;
+      float* km = fp.km + i * size_t(fp.lkp) * Dp;
+      for (int n = 0; n < fp.lkp; ++n) {
+        const bool in = n < p.Lk;
+        if (in) load_row(k + n * p.k_strides[2], p.k_strides[3], p.D, 1.0f, row);
+        for (int d = 0; d < Dp; ++d) {
+          const float x = in && d < p.D ? row[d] : 0.0f;
+          if (d < p.D) kt[size_t(d) * fp.lkp + n] = x;
+          km[size_t(n) * Dp + d] = x;
+        }
+        if (in) load_row(v + n * p.v_strides[2], p.v_strides[3], p.Dv, 1.0f, row);
+        for (int d = 0; d < p.Dv; ++d) vt[size_t(d) * fp.lkp + n] = in ? row[d] : 0.0f;
+      }
+    } else {
+      const int64_t j = i - nkv;
+      const int b = int(j / p.Hq), h = int(j % p.Hq);
+      const T* q = static_cast<const T*>(a.fwd.q) + b * p.q_strides[0] + h * p.q_strides[1];
+      const T* d = static_cast<const T*>(a.dout) + b * p.do_strides[0] + h * p.do_strides[1];
+      float* qf = fp.qf + j * size_t(fp.lqp) * Dp;
+      float* dof = fp.dof + j * size_t(fp.lqp) * dvp;
+      memset(qf, 0, sizeof(float) * size_t(fp.lqp) * Dp);
+      memset(dof, 0, sizeof(float) * size_t(fp.lqp) * dvp);
+      for (long n = 0; n < p.Lq; ++n) {
+        load_row(q + n * p.q_strides[2], p.q_strides[3], p.D, p.scale, qf + n * Dp);
+        load_row(d + n * p.do_strides[2], p.do_strides[3], p.Dv, 1.0f, dof + n * dvp);
+      }
+    }
+  });
+  return buf;
+}
+
 template <typename T>
 void run_backward(const BackwardArgs& a) {
   const FlashParams& p = *a.fwd.p;
@@ -472,13 +522,17 @@ void run_backward(const BackwardArgs& a) {
   const int64_t nbh = int64_t(p.B) * p.Hq;
   float* delta = static_cast<float*>(malloc(sizeof(float) * (nbh * p.Lq + 2 * nbh * nqb + 1)));
   if (!delta) throw std::bad_alloc();
-  // bfloat16 with AMX: the GEMMs run on tiles over operands packed once.
+  // bfloat16 with AMX: the GEMMs run on tiles over operands packed once;
+  // otherwise on FMAs over operands converted to float32 once.
   AmxPacks packs{};
-  uint16_t* packed_operands = nullptr;
+  FloatPacks fpacks{};
+  void* packed_operands = nullptr;
 #if defined(__AMX_BF16__)
   if constexpr (is_bf16<T>) packed_operands = pack_backward(a, packs);
 #endif
-  Backward<T> bw{a, p, delta, delta + nbh * p.Lq, nqb, packed_operands ? &packs : nullptr};
+  if (!packed_operands) packed_operands = convert_backward<T>(a, fpacks);
+  Backward<T> bw{a, p, delta, delta + nbh * p.Lq, nqb,
+                 packs.kt ? &packs : nullptr, packs.kt ? nullptr : &fpacks};
 
   parallel(nbh, [&](int64_t bh) { bw.delta_rows(int(bh / p.Hq), int(bh % p.Hq), delta); });
   // Last query blocks first: under causal masks they see the most keys.

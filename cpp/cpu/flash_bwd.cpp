@@ -256,7 +256,7 @@ struct Backward {
       }
 #endif
       for_row_blocks(nq, [&]<int R>(int i) {
-        pv_block<R>(dp + i * BK, BK, nullptr, km, Dp, nk, dqa + i * Dp);
+        pv_block<R>(dp + i * BK, BK, 1, nullptr, km, Dp, nk, dqa + i * Dp);
       });
     }
 #if defined(__AMX_BF16__)
@@ -286,8 +286,8 @@ struct Backward {
     const int D = p.D, Dv = p.Dv, Dp = pad16(D), dvp = pad16(Dv);
     float *dka, *dva, *pt, *dst, *s, *dp, *cap, *lse, *del, *tmp, *pd16;
     const size_t amx_cols = amx ? size_t(amx->dp > amx->dvp ? amx->dp : amx->dvp) : 0;
-    carve_scratch({{&dka, size_t(BK) * Dp}, {&dva, size_t(BK) * dvp}, {&pt, BK * BQ},
-                   {&dst, BK * BQ}, {&s, BQ * BK}, {&dp, BQ * BK}, {&cap, BQ * BK},
+    carve_scratch({{&dka, size_t(BK) * Dp}, {&dva, size_t(BK) * dvp}, {&pt, amx ? BK * BQ : 0},
+                   {&dst, amx ? BK * BQ : 0}, {&s, BQ * BK}, {&dp, BQ * BK}, {&cap, BQ * BK},
                    {&lse, BQ}, {&del, BQ}, {&tmp, BK * amx_cols}, {&pd16, amx ? BK * BQ : 0}});
     const float *qf = nullptr, *dof = nullptr;
 
@@ -309,14 +309,10 @@ struct Backward {
         query_rows(b, h, i0, nq, qf, dof, lse, del);
         scores(sq, b, h, i0, nq, j0, nk, slope, qf, dof, kt, vt, fp->lkp, lse, del, s, dp, cap);
         if (p.softcap > 0.0f) softcap_chain(nq, dp, cap);
-        for (int i = 0; i < nq; ++i)
-          for (int j = 0; j < nk; ++j) {
-            pt[j * BQ + i] = s[i * BK + j];
-            dst[j * BQ + i] = dp[i * BK + j];
-          }
+        // dV += P^T dO and dK += dS^T Q, reading P and dS transposed.
         for_row_blocks(nk, [&]<int R>(int j) {
-          pv_block<R>(pt + j * BQ, BQ, nullptr, dof, dvp, nq, dva + j * dvp);
-          pv_block<R>(dst + j * BQ, BQ, nullptr, qf, Dp, nq, dka + j * Dp);
+          pv_block<R>(s + j, 1, BK, nullptr, dof, dvp, nq, dva + j * dvp);
+          pv_block<R>(dp + j, 1, BK, nullptr, qf, Dp, nq, dka + j * Dp);
         });
       }
     }

@@ -133,7 +133,7 @@ struct Task {
         for (int r = 0; r < nq; ++r)
           dropout_row(p, b, h0 + r / nqh, i0 + r % nqh, j0, nk, s + r * BK);
       for_row_blocks(nq, [&]<int R>(int i) {
-        pv_block<R>(s + i * BK, BK, alpha + i, vf, dvp, nk, o + i * dvp);
+        pv_block<R>(s + i * BK, BK, 1, alpha + i, vf, dvp, nk, o + i * dvp);
       });
     }
 

@@ -223,10 +223,11 @@ inline void qk_rows(const float* q, int ldq, const float* kt, int ldk, int D, fl
 }
 
 // O[r][c0 : c0+16*NC] = alpha[r] * O[r][...] + sum_j P[r][j] * V[j][...]
-// (alpha = 1 when null). P has row stride ldp.
+// (alpha = 1 when null). P[r][j] is at p[r * ldp + j * ldj]: ldj = 1 for P,
+// or ldp = 1 to multiply by the transpose of a row-major block.
 template <int R, int NC>
-inline void pv_rows(const float* p, int ldp, const float* alpha, const float* v, int ldv,
-                    int nk, float* o, int ldo) {
+inline void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const float* v,
+                    int ldv, int nk, float* o, int ldo) {
   vf16 acc[R][NC];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NC; ++c)
@@ -235,7 +236,7 @@ inline void pv_rows(const float* p, int ldp, const float* alpha, const float* v,
     vf16 vv[NC];
     for (int c = 0; c < NC; ++c) vv[c] = load16(v + j * ldv + c * 16);
     for (int r = 0; r < R; ++r) {
-      vf16 pb = splat(p[r * ldp + j]);
+      vf16 pb = splat(p[r * ldp + j * ldj]);
       for (int c = 0; c < NC; ++c) acc[r][c] += pb * vv[c];
     }
   }
@@ -246,16 +247,24 @@ inline void pv_rows(const float* p, int ldp, const float* alpha, const float* v,
 // pv_rows over all n columns of V and O (n a multiple of 16, the row stride
 // of both), in chunks of at most 64 columns to stay in registers.
 template <int R>
-inline void pv_block(const float* p, int ldp, const float* alpha, const float* v, int n,
+inline void pv_block(const float* p, int ldp, int ldj, const float* alpha, const float* v, int n,
                      int nk, float* o) {
   int c = 0;
-  for (; c + 64 <= n; c += 64) pv_rows<R, 4>(p, ldp, alpha, v + c, n, nk, o + c, n);
+  for (; c + 64 <= n; c += 64) pv_rows<R, 4>(p, ldp, ldj, alpha, v + c, n, nk, o + c, n);
   switch ((n - c) / 16) {
-    case 3: pv_rows<R, 3>(p, ldp, alpha, v + c, n, nk, o + c, n); break;
-    case 2: pv_rows<R, 2>(p, ldp, alpha, v + c, n, nk, o + c, n); break;
-    case 1: pv_rows<R, 1>(p, ldp, alpha, v + c, n, nk, o + c, n); break;
+    case 3: pv_rows<R, 3>(p, ldp, ldj, alpha, v + c, n, nk, o + c, n); break;
+    case 2: pv_rows<R, 2>(p, ldp, ldj, alpha, v + c, n, nk, o + c, n); break;
+    case 1: pv_rows<R, 1>(p, ldp, ldj, alpha, v + c, n, nk, o + c, n); break;
     default: break;
   }
+}
+
+// Runs a row-blocked kernel over n rows: full blocks of ROWS, then the tail.
+template <typename F>
+inline void for_row_blocks(int n, F&& f) {
+  int i = 0;
+  for (; i + ROWS <= n; i += ROWS) f.template operator()<ROWS>(i);
+  for (; i < n; ++i) f.template operator()<1>(i);
 }
 
 // a . b over n floats.
@@ -268,13 +277,6 @@ inline float dot(const float* a, const float* b, int n) {
   return sum;
 }
 
-// Runs a row-blocked kernel over n rows: full blocks of ROWS, then the tail.
-template <typename F>
-inline void for_row_blocks(int n, F&& f) {
-  int i = 0;
-  for (; i + ROWS <= n; i += ROWS) f.template operator()<ROWS>(i);
-  for (; i < n; ++i) f.template operator()<1>(i);
-}
 
 // ---------------------------------------------------------------------------
 // Score modifiers, applied in the API's order: softcap, then ALiBi, the mask

@@ -194,6 +194,32 @@ def main(argv=None):
         g = math.exp(np.mean(np.log(xs)))
         print(f"{ps:7s} geometric-mean speed-up vs {peer}: {g:.2f}x "
               f"(min {min(xs):.2f}x, over {len(xs)} cases)")
+    if not args.quick:
+        print(memory_check())
+
+
+# A fresh process measures the peak resident memory a 32k-token causal
+# attention adds over its inputs and output.
+_MEMORY_CHILD = """
+import resource, mlx.core as mx, mlx_flash_attn as fa
+q = mx.random.normal((1, 8, 32768, 128)); k = mx.random.normal(q.shape); v = mx.random.normal(q.shape)
+out = mx.zeros(q.shape); mx.eval(q, k, v, out)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = fa.attention(q, k, v, causal=True, stream=mx.cpu); mx.eval(out)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+def memory_check():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _MEMORY_CHILD], capture_output=True, text=True)
+    if res.returncode:
+        return f"memory: the 32k check failed: {res.stderr.strip()[-300:]}"
+    mib = float(res.stdout.strip())
+    return (f"memory: 32k-token causal attention (B=1, H=8, D=128, float32) peaked "
+            f"{mib:.0f} MiB above its inputs and output (target < 1024 MiB)")
 
 
 if __name__ == "__main__":

@@ -76,15 +76,16 @@ struct Task {
     long kbeg, kend;
     visible_keys(p, sq, i0, i0 + nqh, &kbeg, &kend);
 
-    // Q (scaled), K^T block, V block, S/P block, O accumulator, m, l, alpha.
+    // Q (scaled), K^T block, V block, S/P block, O accumulator, m, l (a
+    // vector of partial sums per row), alpha.
     float *qf, *kt, *vf, *s, *o, *m, *l, *alpha;
     carve_scratch({{&qf, size_t(BQ) * D}, {&kt, size_t(D) * BK}, {&vf, size_t(BK) * dvp},
-                   {&s, size_t(BQ) * BK}, {&o, size_t(BQ) * dvp}, {&m, BQ}, {&l, BQ},
+                   {&s, size_t(BQ) * BK}, {&o, size_t(BQ) * dvp}, {&m, BQ}, {&l, BQ * 16},
                    {&alpha, BQ}});
 
     for (int i = 0; i < nq; ++i) {
       m[i] = -INFINITY;
-      l[i] = 0.0f;
+      store16(l + i * 16, vf16{});
     }
     memset(o, 0, sizeof(float) * size_t(BQ) * dvp);
 
@@ -139,7 +140,7 @@ struct Task {
 
     for (int hh = 0; hh < hpt; ++hh) {
       const int r = hh * nqh;
-      finish(b, h0 + hh, i0, nqh, o + r * dvp, m + r, l + r, dvp);
+      finish(b, h0 + hh, i0, nqh, o + r * dvp, m + r, l + r * 16, dvp);
     }
   }
 
@@ -175,7 +176,8 @@ struct Task {
   }
 
   // Online softmax: per row, new max m, rescale factor alpha for the old
-  // accumulator, P = exp(S - m) written over S, running sum l.
+  // accumulator, P = exp(S - m) written over S, running sum l kept as 16
+  // partial sums per row (reduced once, in finish).
   void softmax_update(int nq, float* s, float* m, float* l, float* alpha) const {
     for (int i = 0; i < nq; ++i) {
       float* row = s + i * BK;
@@ -201,7 +203,7 @@ struct Task {
       store16(row + 16, r1);
       store16(row + 32, r2);
       store16(row + 48, r3);
-      l[i] = l[i] * alpha[i] + hsum((r0 + r1) + (r2 + r3));
+      store16(l + i * 16, load16(l + i * 16) * alpha[i] + ((r0 + r1) + (r2 + r3)));
       m[i] = m_new;
     }
   }
@@ -214,7 +216,7 @@ struct Task {
     float* lse = a.lse + out_row(p, p.Hq, p.Lq, b, h, i0);
     const float sink = p.has_sinks ? per_head(a.sinks, p.sinks_strides, b, h) : 0.0f;
     for (int i = 0; i < nq; ++i) {
-      float mi = m[i], li = l[i], corr = 1.0f;
+      float mi = m[i], li = hsum(load16(l + i * 16)), corr = 1.0f;
       if (p.has_sinks) {
         const float m_new = sink > mi ? sink : mi;
         corr = exp2f((mi - m_new) * kLog2e);
@@ -257,7 +259,7 @@ struct AmxTask {
 
     float *qraw, *s, *o, *pv, *m, *l, *alpha, *praw;
     carve_scratch({{&qraw, size_t(BQ) * dp / 2}, {&s, size_t(BQ) * BK}, {&o, size_t(BQ) * dvp},
-                   {&pv, size_t(BQ) * dvp}, {&m, BQ}, {&l, BQ}, {&alpha, BQ},
+                   {&pv, size_t(BQ) * dvp}, {&m, BQ}, {&l, BQ * 16}, {&alpha, BQ},
                    {&praw, size_t(BQ) * BK / 2}});
     uint16_t* q16 = reinterpret_cast<uint16_t*>(qraw);
     uint16_t* p16 = reinterpret_cast<uint16_t*>(praw);
@@ -266,7 +268,7 @@ struct AmxTask {
     memset(o, 0, sizeof(float) * size_t(rows) * dvp);
     for (int i = 0; i < nq; ++i) {
       m[i] = -INFINITY;
-      l[i] = 0.0f;
+      store16(l + i * 16, vf16{});
     }
     // Q rows as raw bfloat16; the scale is applied to S in float32.
     for (int r = 0; r < nq && kbeg < kend; ++r) {
@@ -310,7 +312,7 @@ struct AmxTask {
 
     for (int hh = 0; hh < base.hpt; ++hh) {
       const int r = hh * nqh;
-      base.finish(b, h0 + hh, i0, nqh, o + r * dvp, m + r, l + r, dvp);
+      base.finish(b, h0 + hh, i0, nqh, o + r * dvp, m + r, l + r * 16, dvp);
     }
   }
 };

@@ -55,15 +55,10 @@ inline vf16 splat(float x) {
 constexpr float kLog2e = 1.4426950408889634f;
 
 // 2^x for a vector, accurate to ~1 ulp of float32 over the range softmax
-// needs; exactly 0 below -126 (masked scores are -inf). Polynomial instead of
-// libm so it vectorises on every instruction set.
-inline vf16 exp2v(vf16 x) {
-  vf16 xc = x < -126.0f ? splat(-126.0f) : x;
-  xc = xc > 127.0f ? splat(127.0f) : xc;
-  const float magic = 12582912.0f; // 1.5 * 2^23: rounds to nearest integer
-  vf16 n = (xc + magic) - magic;
-  vf16 f = xc - n; // [-0.5, 0.5]
-  // Taylor series of 2^f = e^(f ln2) to degree 7: error < 1e-8 on [-.5, .5].
+// needs; exactly 0 for -inf (masked scores). Polynomial instead of libm so
+// it vectorises on every instruction set.
+// Taylor series of 2^f = e^(f ln2) to degree 7: error < 1e-8 on [-.5, .5].
+inline vf16 exp2_poly(vf16 f) {
   vf16 r = splat(1.5252733804059840e-5f);
   r = r * f + 1.5403530393381608e-4f;
   r = r * f + 1.3333558146428443e-3f;
@@ -71,14 +66,32 @@ inline vf16 exp2v(vf16 x) {
   r = r * f + 5.5504108664821580e-2f;
   r = r * f + 2.4022650695910071e-1f;
   r = r * f + 6.9314718055994531e-1f;
-  r = r * f + 1.0f;
+  return r * f + 1.0f;
+}
+#if defined(__AVX512F__)
+// AVX-512: round and scale by 2^n in one instruction each; scalef flushes
+// 2^-1000 (what -inf is clamped to) to 0 and saturates large n.
+inline vf16 exp2v(vf16 x) {
+  const __m512 xc = _mm512_max_ps(__m512(x), _mm512_set1_ps(-1000.0f));
+  const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf16 f = vf16(_mm512_sub_ps(xc, n));
+  return vf16(_mm512_scalef_ps(__m512(exp2_poly(f)), n));
+}
+#else
+inline vf16 exp2v(vf16 x) {
+  vf16 xc = x < -126.0f ? splat(-126.0f) : x;
+  xc = xc > 127.0f ? splat(127.0f) : xc;
+  const float magic = 12582912.0f; // 1.5 * 2^23: rounds to nearest integer
+  vf16 n = (xc + magic) - magic;
   vi16 bits;
+  vf16 r = exp2_poly(xc - n); // f in [-0.5, 0.5]
   memcpy(&bits, &r, sizeof(bits));
   bits += __builtin_convertvector(n, vi16) << 23;
   vf16 out;
   memcpy(&out, &bits, sizeof(out));
   return x < -126.0f ? splat(0.0f) : out;
 }
+#endif
 
 // Horizontal max and sum as trees (4 dependent steps, not 15: they run once
 // per row per block).

@@ -192,7 +192,7 @@ struct Task {
         memset(row, 0, sizeof(float) * BK);
         continue;
       }
-      alpha[i] = exp2f((m[i] - m_new) * kLog2e);
+      alpha[i] = exp2v(splat((m[i] - m_new) * kLog2e))[0]; // not libm: once per row per block
       const vf16 mb = splat(m_new * kLog2e);
       const vf16 l2e = splat(kLog2e);
       r0 = exp2v(r0 * l2e - mb);

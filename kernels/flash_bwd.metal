@@ -85,18 +85,11 @@ template <typename T, int BD>
   // Q in log2 units and dO of this lane's row; its LSE (log2) and Delta.
   const float qscale = p.scale * M_LOG2E_F;
   frag_t qf[NF], df[NF], dqf[NF];
-  {
-    const device T* qrow = q + b * p.q_strides[0] + h * p.q_strides[1] + i * p.q_strides[2];
-    const device T* drow = dout + b * p.do_strides[0] + h * p.do_strides[1] + i * p.do_strides[2];
-    for (int t = 0; t < NF; ++t) {
-      for (int e = 0; e < 2; ++e) {
-        const int d = t * 8 + ln.col + e;
-        qf[t].thread_elements()[e] = row_ok && d < p.D ? float(qrow[d * p.q_strides[3]]) * qscale : 0.0f;
-        df[t].thread_elements()[e] = row_ok && d < p.Dv ? float(drow[d * p.do_strides[3]]) : 0.0f;
-      }
-      dqf[t] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-    }
-  }
+  load_row_frags<T, NF>(qf, q + b * p.q_strides[0] + h * p.q_strides[1] + i * p.q_strides[2],
+                        p.q_strides[3], p.D, row_ok, qscale, ln);
+  load_row_frags<T, NF>(df, dout + b * p.do_strides[0] + h * p.do_strides[1] + i * p.do_strides[2],
+                        p.do_strides[3], p.Dv, row_ok, 1.0f, ln);
+  for (int t = 0; t < NF; ++t) dqf[t] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   const float lse2 = row_ok ? lse[row] * M_LOG2E_F : -INFINITY;
   const float del = row_ok ? delta[row] : 0.0f;
   const float slope2 = fc_alibi ? per_head(alibi, p.alibi_strides, b, h) * M_LOG2E_F : 0.0f;
@@ -218,18 +211,13 @@ template <typename T, int BD>
   const long j = j0 + c;
 
   frag_t kf[NF], vf[NF], dkf[NF], dvf[NF];
-  {
-    const device T* krow = k + b * p.k_strides[0] + hk * p.k_strides[1] + j * p.k_strides[2];
-    const device T* vrow = v + b * p.v_strides[0] + hk * p.v_strides[1] + j * p.v_strides[2];
-    for (int t = 0; t < NF; ++t) {
-      for (int e = 0; e < 2; ++e) {
-        const int d = t * 8 + ln.col + e;
-        kf[t].thread_elements()[e] = key_ok && d < p.D ? float(krow[d * p.k_strides[3]]) : 0.0f;
-        vf[t].thread_elements()[e] = key_ok && d < p.Dv ? float(vrow[d * p.v_strides[3]]) : 0.0f;
-      }
-      dkf[t] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-      dvf[t] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-    }
+  load_row_frags<T, NF>(kf, k + b * p.k_strides[0] + hk * p.k_strides[1] + j * p.k_strides[2],
+                        p.k_strides[3], p.D, key_ok, 1.0f, ln);
+  load_row_frags<T, NF>(vf, v + b * p.v_strides[0] + hk * p.v_strides[1] + j * p.v_strides[2],
+                        p.v_strides[3], p.Dv, key_ok, 1.0f, ln);
+  for (int t = 0; t < NF; ++t) {
+    dkf[t] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    dvf[t] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   }
   long qbeg, qend;
   visible_queries(p, sq, j0, j0 + nk, &qbeg, &qend);

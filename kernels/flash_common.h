@@ -63,6 +63,19 @@ inline frag_t load_frag(const threadgroup T* tile, int ld, int r0, int c0, Lane 
   return f;
 }
 
+// The lane's row of a strided device matrix (columns [0, n), element
+// stride cs, times mul) as NF fragments of 8 columns; zeros past n and for
+// a row that is not there (ok false: the row is not read).
+template <typename T, int NF>
+inline void load_row_frags(thread frag_t* f, const device T* row, fa_index_t cs, int n, bool ok,
+                           float mul, Lane ln) {
+  for (int t = 0; t < NF; ++t)
+    for (int e = 0; e < 2; ++e) {
+      const int d = t * 8 + ln.col + e;
+      f[t].thread_elements()[e] = ok && d < n ? float(row[d * cs]) * mul : 0.0f;
+    }
+}
+
 // Rows [r0, r0 + n) of a (rows, D) strided device matrix into a threadgroup
 // tile of BD columns, zero-filled past n rows and past D columns, by all
 // FA_THREADS threads.

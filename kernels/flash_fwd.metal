@@ -68,18 +68,9 @@ template <typename T, int BD>
   // Q, pre-multiplied by scale * log2(e): scores come out in log2 units.
   const float qscale = p.scale * M_LOG2E_F;
   frag_t qf[NF], of[NF];
-  {
-    const device T* qrow =
-        q + b * p.q_strides[0] + h * p.q_strides[1] + i * p.q_strides[2];
-    for (int t = 0; t < NF; ++t) {
-      for (int e = 0; e < 2; ++e) {
-        const int d = t * 8 + ln.col + e;
-        qf[t].thread_elements()[e] =
-            row_ok && kbeg < kend && d < p.D ? float(qrow[d * p.q_strides[3]]) * qscale : 0.0f;
-      }
-      of[t] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-    }
-  }
+  load_row_frags<T, NF>(qf, q + b * p.q_strides[0] + h * p.q_strides[1] + i * p.q_strides[2],
+                        p.q_strides[3], p.D, row_ok && kbeg < kend, qscale, ln);
+  for (int t = 0; t < NF; ++t) of[t] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   const float slope2 = fc_alibi ? per_head(alibi, p.alibi_strides, b, h) * M_LOG2E_F : 0.0f;
   float m = -INFINITY, l = 0.0f;
 

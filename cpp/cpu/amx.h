@@ -12,10 +12,6 @@
 #pragma once
 
 #include <immintrin.h>
-#include <stdlib.h>
-
-#include <new>
-
 #include "kernel_common.h"
 
 namespace flash_cpu {
@@ -132,13 +128,6 @@ inline void to_bf16(const float* x, int n, uint16_t* y) {
     __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
     _mm512_storeu_si512(y + i, (__m512i)v);
   }
-}
-
-// A 64-byte aligned buffer of n uint16, or bad_alloc.
-inline uint16_t* alloc_u16(size_t n) {
-  void* p = aligned_alloc(64, (n * sizeof(uint16_t) + 63) / 64 * 64);
-  if (!p) throw std::bad_alloc();
-  return static_cast<uint16_t*>(p);
 }
 
 } // namespace

@@ -13,10 +13,6 @@
 //     over the query heads of its GQA group.
 // The partial sums are reduced afterwards in a fixed order.
 
-#include <stdlib.h>
-
-#include <new>
-
 #include "kernel_common.h"
 
 #if defined(__AMX_BF16__)
@@ -48,10 +44,10 @@ struct AmxPacks {
   int lkp, lqp, dp, dvp;
   uint16_t *kt, *vt, *kr, *qrow, *dorow, *qr, *dor;
   // Offsets of head `kv` / `qh` (batch entry 0 when packed) in the packs.
-  size_t kd(size_t kv) const { return kv * lkp * dp; }
-  size_t kv_(size_t kv) const { return kv * lkp * dvp; }
-  size_t qd(size_t qh) const { return qh * lqp * dp; }
-  size_t qv(size_t qh) const { return qh * lqp * dvp; }
+  size_t key_d(size_t kv) const { return kv * lkp * dp; }     // kt, kr
+  size_t key_dv(size_t kv) const { return kv * lkp * dvp; }   // vt
+  size_t query_d(size_t qh) const { return qh * lqp * dp; }   // qrow, qr
+  size_t query_dv(size_t qh) const { return qh * lqp * dvp; } // dorow, dor
 };
 
 template <typename T>
@@ -167,27 +163,26 @@ struct Backward {
 #if defined(__AMX_BF16__)
   // The AMX operands of one block of query rows [i0, i0 + nq) of head h.
   struct AmxBlock {
-    const uint16_t *q, *dout; // plain rows from row i0 (A operands)
-    size_t kv;                // K/V head in the packs
-    int rows;                 // nq rounded up to 32 (tile pairs)
-    uint16_t* ds16;           // rows x BK bfloat16 scratch, zero past nq
+    size_t qh, kv;  // query head and K/V head in the packs
+    int rows;       // nq rounded up to 32 (tile pairs)
+    uint16_t* ds16; // rows x BK bfloat16 scratch, zero past nq
   };
-  AmxBlock amx_block(int b, int h, int hk, long i0, int nq, float* scratch) const {
-    const size_t qh = size_t(p.packed ? 0 : b) * p.Hq + h;
-    AmxBlock ab{amx->qrow + amx->qd(qh) + size_t(i0) * amx->dp,
-                amx->dorow + amx->qv(qh) + size_t(i0) * amx->dvp,
-                size_t(p.packed ? 0 : b) * p.Hk + hk, (nq + 31) / 32 * 32,
-                reinterpret_cast<uint16_t*>(scratch)};
+  AmxBlock amx_block(int b, int h, int hk, int nq, float* scratch) const {
+    AmxBlock ab{size_t(p.packed ? 0 : b) * p.Hq + h, size_t(p.packed ? 0 : b) * p.Hk + hk,
+                (nq + 31) / 32 * 32, reinterpret_cast<uint16_t*>(scratch)};
     memset(ab.ds16, 0, sizeof(uint16_t) * BQ * BK);
     tiles_begin();
     return ab;
   }
-  // S (scaled) and dP = dO V^T of the block's rows and keys [j0, j0 + BK).
-  void amx_scores(const AmxBlock& ab, long j0, float* s, float* dp) const {
-    gemm_abt(ab.q, ab.rows, amx->dp, amx->dp, amx->kt + amx->kd(ab.kv), amx->lkp, j0, s);
-    gemm_abt(ab.dout, ab.rows, amx->dvp, amx->dvp, amx->vt + amx->kv_(ab.kv), amx->lkp, j0, dp);
+  // S (scaled) and dP = dO V^T of `rows` query rows from i0 of query head
+  // qh and keys [j0, j0 + BK) of K/V head kv.
+  void amx_scores(size_t qh, size_t kv, long i0, int rows, long j0, float* s, float* dp) const {
+    gemm_abt(amx->qrow + amx->query_d(qh) + size_t(i0) * amx->dp, rows, amx->dp, amx->dp,
+             amx->kt + amx->key_d(kv), amx->lkp, j0, s);
+    gemm_abt(amx->dorow + amx->query_dv(qh) + size_t(i0) * amx->dvp, rows, amx->dvp, amx->dvp,
+             amx->vt + amx->key_dv(kv), amx->lkp, j0, dp);
     const vf16 scale = splat(p.scale);
-    for (int i = 0; i < ab.rows * BK; i += 16) store16(s + i, load16(s + i) * scale);
+    for (int i = 0; i < rows * BK; i += 16) store16(s + i, load16(s + i) * scale);
   }
 #endif
 
@@ -215,7 +210,7 @@ struct Backward {
     long kbeg, kend;
     visible_keys(p, sq, i0, i0 + nq, &kbeg, &kend);
 #if defined(__AMX_BF16__)
-    const AmxBlock ab = amx ? amx_block(b, h, hk, i0, nq, ds) : AmxBlock{};
+    const AmxBlock ab = amx ? amx_block(b, h, hk, nq, ds) : AmxBlock{};
     // AMX reads K in pairs of rows: blocks start at multiples of BK, the
     // per-row masks hide the keys outside [kbeg, kend).
     if (amx) kbeg = kbeg / BK * BK;
@@ -225,7 +220,7 @@ struct Backward {
 #if defined(__AMX_BF16__)
       if (amx) {
         nk = p.Lk - j0 < BK ? int(p.Lk - j0) : BK;
-        amx_scores(ab, j0, s, dp);
+        amx_scores(ab.qh, ab.kv, i0, ab.rows, j0, s, dp);
         probabilities(sq, b, h, i0, nq, j0, nk, slope, lse, del, s, dp, cap);
       } else
 #endif
@@ -248,7 +243,7 @@ struct Backward {
 #if defined(__AMX_BF16__)
       if (amx) { // dQ += dS K
         for (int i = 0; i < nq; ++i) to_bf16(dp + i * BK, BK, ab.ds16 + i * BK);
-        gemm_ab(ab.ds16, ab.rows, amx->kr + amx->kd(ab.kv), amx->dp, j0, tmp);
+        gemm_ab(ab.ds16, ab.rows, amx->kr + amx->key_d(ab.kv), amx->dp, j0, tmp);
         for (int i = 0; i < nq; ++i)
           for (int d = 0; d < Dp; d += 16)
             store16(dqa + i * Dp + d, load16(dqa + i * Dp + d) + load16(tmp + i * amx->dp + d));
@@ -356,17 +351,9 @@ struct Backward {
       const size_t qh = size_t(p.packed ? 0 : b) * p.Hq + h;
       for (long i0 = qbeg / BQ * BQ; i0 < qend; i0 += BQ) {
         const int nq = qend - i0 < BQ ? int(qend - i0) : BQ;
-        for (int i = 0; i < nq; ++i) {
-          lse[i] = a.fwd.lse[row_index(b, h, i0 + i)];
-          del[i] = delta[row_index(b, h, i0 + i)];
-        }
-        const int rows = (nq + 31) / 32 * 32;
-        gemm_abt(amx->qrow + amx->qd(qh) + size_t(i0) * amx->dp, rows, amx->dp, amx->dp,
-                 amx->kt + amx->kd(kv), amx->lkp, j0, s);
-        gemm_abt(amx->dorow + amx->qv(qh) + size_t(i0) * amx->dvp, rows, amx->dvp, amx->dvp,
-                 amx->vt + amx->kv_(kv), amx->lkp, j0, dp);
-        const vf16 scale = splat(p.scale);
-        for (int i = 0; i < nq * BK; i += 16) store16(s + i, load16(s + i) * scale);
+        const float *unused_q, *unused_do; // the packs hold Q and dO here
+        query_rows(b, h, i0, nq, unused_q, unused_do, lse, del);
+        amx_scores(qh, kv, i0, (nq + 31) / 32 * 32, j0, s, dp);
         probabilities(sq, b, h, i0, nq, j0, nk, slope, lse, del, s, dp, cap);
         if (p.softcap > 0.0f) softcap_chain(nq, dp, cap);
         for (int j = 0; j < BK; ++j)
@@ -376,11 +363,11 @@ struct Backward {
           }
         to_bf16(pt, BK * BQ, pt16);
         to_bf16(dst, BK * BQ, dst16);
-        gemm_ab(pt16, keyrows, amx->dor + amx->qv(qh), amx->dvp, i0, tmp); // dV += (P z)^T dO
+        gemm_ab(pt16, keyrows, amx->dor + amx->query_dv(qh), amx->dvp, i0, tmp); // dV += (P z)^T dO
         for (int j = 0; j < nk; ++j)
           for (int d = 0; d < dvp; d += 16)
             store16(dva + j * dvp + d, load16(dva + j * dvp + d) + load16(tmp + j * amx->dvp + d));
-        gemm_ab(dst16, keyrows, amx->qr + amx->qd(qh), amx->dp, i0, tmp); // dK += dS^T Q
+        gemm_ab(dst16, keyrows, amx->qr + amx->query_d(qh), amx->dp, i0, tmp); // dK += dS^T Q
         for (int j = 0; j < nk; ++j)
           for (int d = 0; d < Dp; d += 16)
             store16(dka + j * Dp + d, load16(dka + j * Dp + d) + load16(tmp + j * amx->dp + d));
@@ -423,31 +410,31 @@ uint16_t* pack_backward(const BackwardArgs& a, AmxPacks& pk) {
   pk.dp = round_up(p.D, 32);
   pk.dvp = round_up(p.Dv, 32);
   const int64_t nkv = int64_t(nb) * p.Hk, nqh = int64_t(nb) * p.Hq;
-  uint16_t* buf = alloc_u16(nkv * (2 * pk.kd(1) + pk.kv_(1)) + nqh * (2 * pk.qd(1) + 2 * pk.qv(1)));
+  uint16_t* buf = alloc_aligned<uint16_t>(nkv * (2 * pk.key_d(1) + pk.key_dv(1)) + nqh * (2 * pk.query_d(1) + 2 * pk.query_dv(1)));
   pk.kt = buf;
-  pk.kr = pk.kt + pk.kd(nkv);
-  pk.vt = pk.kr + pk.kd(nkv);
-  pk.qrow = pk.vt + pk.kv_(nkv);
-  pk.qr = pk.qrow + pk.qd(nqh);
-  pk.dorow = pk.qr + pk.qd(nqh);
-  pk.dor = pk.dorow + pk.qv(nqh);
+  pk.kr = pk.kt + pk.key_d(nkv);
+  pk.vt = pk.kr + pk.key_d(nkv);
+  pk.qrow = pk.vt + pk.key_dv(nkv);
+  pk.qr = pk.qrow + pk.query_d(nqh);
+  pk.dorow = pk.qr + pk.query_d(nqh);
+  pk.dor = pk.dorow + pk.query_dv(nqh);
   parallel(nkv + nqh, [&](int64_t i) {
     if (i < nkv) {
       const int b = int(i / p.Hk), hk = int(i % p.Hk);
       const uint16_t* k = static_cast<const uint16_t*>(a.fwd.k) + b * p.k_strides[0] + hk * p.k_strides[1];
       const uint16_t* v = static_cast<const uint16_t*>(a.fwd.v) + b * p.v_strides[0] + hk * p.v_strides[1];
-      pack_transposed_pairs(k, p.Lk, p.D, p.k_strides[2], p.k_strides[3], pk.lkp, pk.dp, pk.kt + pk.kd(i));
-      pack_row_pairs(k, p.Lk, p.D, p.k_strides[2], p.k_strides[3], pk.lkp, pk.dp, pk.kr + pk.kd(i));
-      pack_transposed_pairs(v, p.Lk, p.Dv, p.v_strides[2], p.v_strides[3], pk.lkp, pk.dvp, pk.vt + pk.kv_(i));
+      pack_transposed_pairs(k, p.Lk, p.D, p.k_strides[2], p.k_strides[3], pk.lkp, pk.dp, pk.kt + pk.key_d(i));
+      pack_row_pairs(k, p.Lk, p.D, p.k_strides[2], p.k_strides[3], pk.lkp, pk.dp, pk.kr + pk.key_d(i));
+      pack_transposed_pairs(v, p.Lk, p.Dv, p.v_strides[2], p.v_strides[3], pk.lkp, pk.dvp, pk.vt + pk.key_dv(i));
     } else {
       const int64_t j = i - nkv;
       const int b = int(j / p.Hq), h = int(j % p.Hq);
       const uint16_t* q = static_cast<const uint16_t*>(a.fwd.q) + b * p.q_strides[0] + h * p.q_strides[1];
       const uint16_t* d = static_cast<const uint16_t*>(a.dout) + b * p.do_strides[0] + h * p.do_strides[1];
-      pack_rows(q, p.Lq, p.D, p.q_strides[2], p.q_strides[3], pk.lqp, pk.dp, pk.qrow + pk.qd(j));
-      pack_row_pairs(q, p.Lq, p.D, p.q_strides[2], p.q_strides[3], pk.lqp, pk.dp, pk.qr + pk.qd(j));
-      pack_rows(d, p.Lq, p.Dv, p.do_strides[2], p.do_strides[3], pk.lqp, pk.dvp, pk.dorow + pk.qv(j));
-      pack_row_pairs(d, p.Lq, p.Dv, p.do_strides[2], p.do_strides[3], pk.lqp, pk.dvp, pk.dor + pk.qv(j));
+      pack_rows(q, p.Lq, p.D, p.q_strides[2], p.q_strides[3], pk.lqp, pk.dp, pk.qrow + pk.query_d(j));
+      pack_row_pairs(q, p.Lq, p.D, p.q_strides[2], p.q_strides[3], pk.lqp, pk.dp, pk.qr + pk.query_d(j));
+      pack_rows(d, p.Lq, p.Dv, p.do_strides[2], p.do_strides[3], pk.lqp, pk.dvp, pk.dorow + pk.query_dv(j));
+      pack_row_pairs(d, p.Lq, p.Dv, p.do_strides[2], p.do_strides[3], pk.lqp, pk.dvp, pk.dor + pk.query_dv(j));
     }
   });
   return buf;
@@ -463,49 +450,31 @@ float* convert_backward(const BackwardArgs& a, FloatPacks& fp) {
   fp.lkp = (p.Lk + BK - 1) / BK * BK + BK;
   fp.lqp = (p.Lq + BQ - 1) / BQ * BQ + BQ;
   const int64_t nkv = int64_t(nb) * p.Hk, nqh = int64_t(nb) * p.Hq;
-  const size_t kv_elems = size_t(fp.lkp) * (p.D + p.Dv + Dp);
-  const size_t q_elems = size_t(fp.lqp) * (Dp + dvp);
-  float* buf = static_cast<float*>(
-      aligned_alloc(64, ((nkv * kv_elems + nqh * q_elems) * 4 + 63) / 64 * 64));
-  if (!buf) throw std::bad_alloc();
+  float* buf = alloc_aligned<float>(nkv * size_t(fp.lkp) * (p.D + p.Dv + Dp) +
+                                    nqh * size_t(fp.lqp) * (Dp + dvp));
   fp.kt = buf;
   fp.vt = fp.kt + nkv * size_t(fp.lkp) * p.D;
   fp.km = fp.vt + nkv * size_t(fp.lkp) * p.Dv;
   fp.qf = fp.km + nkv * size_t(fp.lkp) * Dp;
   fp.dof = fp.qf + nqh * size_t(fp.lqp) * Dp;
   parallel(nkv + nqh, [&](int64_t i) {
-    float row[FA_MAX_HEAD_DIM];
     if (i < nkv) {
       const int b = int(i / p.Hk), hk = int(i % p.Hk);
-      const T* k = static_cast<const T*>(a.fwd.k) + b * p.k_strides[0] + hk * p.k_strides[1];
-      const T* v = static_cast<const T*>(a.fwd.v) + b * p.v_strides[0] + hk * p.v_strides[1];
-      float* kt = fp.kt + i * size_t(fp.lkp) * p.D;
-      float* vt = fp.vt + i * size_t(fp.lkp) * p.Dv;
-      float* km = fp.km + i * size_t(fp.lkp) * Dp;
-      for (int n = 0; n < fp.lkp; ++n) {
-        const bool in = n < p.Lk;
-        if (in) load_row(k + n * p.k_strides[2], p.k_strides[3], p.D, 1.0f, row);
-        for (int d = 0; d < Dp; ++d) {
-          const float x = in && d < p.D ? row[d] : 0.0f;
-          if (d < p.D) kt[size_t(d) * fp.lkp + n] = x;
-          km[size_t(n) * Dp + d] = x;
-        }
-        if (in) load_row(v + n * p.v_strides[2], p.v_strides[3], p.Dv, 1.0f, row);
-        for (int d = 0; d < p.Dv; ++d) vt[size_t(d) * fp.lkp + n] = in ? row[d] : 0.0f;
-      }
+      convert_rows(static_cast<const T*>(a.fwd.k) + b * p.k_strides[0] + hk * p.k_strides[1], p.Lk,
+                   p.D, p.k_strides[2], p.k_strides[3], 1.0f, fp.lkp,
+                   fp.kt + i * size_t(fp.lkp) * p.D, fp.km + i * size_t(fp.lkp) * Dp, Dp);
+      convert_rows(static_cast<const T*>(a.fwd.v) + b * p.v_strides[0] + hk * p.v_strides[1], p.Lk,
+                   p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, fp.lkp,
+                   fp.vt + i * size_t(fp.lkp) * p.Dv, nullptr, 0);
     } else {
       const int64_t j = i - nkv;
       const int b = int(j / p.Hq), h = int(j % p.Hq);
-      const T* q = static_cast<const T*>(a.fwd.q) + b * p.q_strides[0] + h * p.q_strides[1];
-      const T* d = static_cast<const T*>(a.dout) + b * p.do_strides[0] + h * p.do_strides[1];
-      float* qf = fp.qf + j * size_t(fp.lqp) * Dp;
-      float* dof = fp.dof + j * size_t(fp.lqp) * dvp;
-      memset(qf, 0, sizeof(float) * size_t(fp.lqp) * Dp);
-      memset(dof, 0, sizeof(float) * size_t(fp.lqp) * dvp);
-      for (long n = 0; n < p.Lq; ++n) {
-        load_row(q + n * p.q_strides[2], p.q_strides[3], p.D, p.scale, qf + n * Dp);
-        load_row(d + n * p.do_strides[2], p.do_strides[3], p.Dv, 1.0f, dof + n * dvp);
-      }
+      convert_rows(static_cast<const T*>(a.fwd.q) + b * p.q_strides[0] + h * p.q_strides[1], p.Lq,
+                   p.D, p.q_strides[2], p.q_strides[3], p.scale, fp.lqp, nullptr,
+                   fp.qf + j * size_t(fp.lqp) * Dp, Dp);
+      convert_rows(static_cast<const T*>(a.dout) + b * p.do_strides[0] + h * p.do_strides[1], p.Lq,
+                   p.Dv, p.do_strides[2], p.do_strides[3], 1.0f, fp.lqp, nullptr,
+                   fp.dof + j * size_t(fp.lqp) * dvp, dvp);
     }
   });
   return buf;
@@ -516,8 +485,7 @@ void run_backward(const BackwardArgs& a) {
   const FlashParams& p = *a.fwd.p;
   const int nqb = (p.max_rows_q + BQ - 1) / BQ, nkb = (p.max_rows_k + BK - 1) / BK;
   const int64_t nbh = int64_t(p.B) * p.Hq;
-  float* delta = static_cast<float*>(malloc(sizeof(float) * (nbh * p.Lq + 2 * nbh * nqb + 1)));
-  if (!delta) throw std::bad_alloc();
+  float* delta = alloc_aligned<float>(nbh * p.Lq + 2 * nbh * nqb + 1);
   // bfloat16 with AMX: the GEMMs run on tiles over operands packed once;
   // otherwise on FMAs over operands converted to float32 once.
   AmxPacks packs{};

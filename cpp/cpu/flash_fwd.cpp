@@ -12,10 +12,6 @@
 // Include nothing but C headers and our own plain headers here (see
 // flash_cpu.h for why). Shared pieces live in kernel_common.h.
 
-#include <stdlib.h>
-
-#include <new>
-
 #include "kernel_common.h"
 
 #if defined(__AMX_BF16__)
@@ -121,23 +117,32 @@ struct Task {
       else
         for_row_blocks(nq, [&]<int R>(int i) { qk_rows<R>(qf + i * D, D, ktb, ldk, D, s + i * BK); });
 
-      for (int r = 0; r < nq; ++r) {
-        const int h = h0 + r / nqh;
-        const float slope = p.has_alibi ? per_head(a.alibi, p.alibi_strides, b, h) : 0.0f;
-        if (p.softcap > 0.0f) apply_softcap(p, s + r * BK, nk);
-        apply_bias_and_mask(p, sq, a.mask, b, h, i0 + r % nqh, j0, nk, slope, s + r * BK);
-      }
-
-      softmax_update(nq, s, m, l, alpha);
-      // Dropout after the running sum: l normalises the undropped softmax.
-      if (p.dropout_p > 0.0f)
-        for (int r = 0; r < nq; ++r)
-          dropout_row(p, b, h0 + r / nqh, i0 + r % nqh, j0, nk, s + r * BK);
+      probabilities(b, sq, h0, nqh, i0, nq, j0, nk, s, m, l, alpha);
       for_row_blocks(nq, [&]<int R>(int i) {
         pv_block<R>(s + i * BK, BK, 1, alpha + i, vf, dvp, nk, o + i * dvp);
       });
     }
+    finish_heads(b, h0, i0, nqh, o, m, l, dvp);
+  }
 
+  // S (scaled scores of rows h0 + r / nqh, i0 + r % nqh and keys [j0, j0 +
+  // nk)) -> P: score modifiers, the online softmax update, then dropout
+  // (after the running sum: l normalises the undropped softmax).
+  void probabilities(int b, const Seq& sq, int h0, int nqh, long i0, int nq, long j0, int nk,
+                     float* s, float* m, float* l, float* alpha) const {
+    for (int r = 0; r < nq; ++r) {
+      const int h = h0 + r / nqh;
+      const float slope = p.has_alibi ? per_head(a.alibi, p.alibi_strides, b, h) : 0.0f;
+      if (p.softcap > 0.0f) apply_softcap(p, s + r * BK, nk);
+      apply_bias_and_mask(p, sq, a.mask, b, h, i0 + r % nqh, j0, nk, slope, s + r * BK);
+    }
+    softmax_update(nq, s, m, l, alpha);
+    if (p.dropout_p > 0.0f)
+      for (int r = 0; r < nq; ++r) dropout_row(p, b, h0 + r / nqh, i0 + r % nqh, j0, nk, s + r * BK);
+  }
+
+  // finish() for each head of the task.
+  void finish_heads(int b, int h0, long i0, int nqh, float* o, float* m, float* l, int dvp) const {
     for (int hh = 0; hh < hpt; ++hh) {
       const int r = hh * nqh;
       finish(b, h0 + hh, i0, nqh, o + r * dvp, m + r, l + r * 16, dvp);
@@ -287,19 +292,9 @@ struct AmxTask {
       const int nk = p.Lk - j0 < BK ? int(p.Lk - j0) : BK;
       gemm_abt(q16, rows, dp, dp, kt, lkp, j0, s);
       const vf16 scale = splat(p.scale);
-      for (int r = 0; r < nq; ++r) {
-        float* srow = s + r * BK;
-        for (int c = 0; c < BK; c += 16) store16(srow + c, load16(srow + c) * scale);
-        const int h = h0 + r / nqh;
-        const float slope = p.has_alibi ? per_head(a.alibi, p.alibi_strides, b, h) : 0.0f;
-        if (p.softcap > 0.0f) apply_softcap(p, srow, nk);
-        apply_bias_and_mask(p, sq, a.mask, b, h, i0 + r % nqh, j0, nk, slope, srow);
-      }
-      base.softmax_update(nq, s, m, l, alpha);
-      for (int r = 0; r < nq; ++r) {
-        if (p.dropout_p > 0.0f) dropout_row(p, b, h0 + r / nqh, i0 + r % nqh, j0, nk, s + r * BK);
-        to_bf16(s + r * BK, BK, p16 + r * BK);
-      }
+      for (int c = 0; c < nq * BK; c += 16) store16(s + c, load16(s + c) * scale);
+      base.probabilities(b, sq, h0, nqh, i0, nq, j0, nk, s, m, l, alpha);
+      for (int r = 0; r < nq; ++r) to_bf16(s + r * BK, BK, p16 + r * BK);
       gemm_ab(p16, rows, vp, dvp, j0, pv);
       for (int r = 0; r < nq; ++r) { // O = alpha O + P V
         const vf16 al = splat(alpha[r]);
@@ -309,11 +304,7 @@ struct AmxTask {
       }
     }
     tiles_end();
-
-    for (int hh = 0; hh < base.hpt; ++hh) {
-      const int r = hh * nqh;
-      base.finish(b, h0 + hh, i0, nqh, o + r * dvp, m + r, l + r * 16, dvp);
-    }
+    base.finish_heads(b, h0, i0, nqh, o, m, l, dvp);
   }
 };
 #endif
@@ -338,7 +329,7 @@ void run_amx(const Task<bf16_t>& task, int nqb, int ngroups, int64_t ntasks) {
   const FlashParams& p = task.p;
   const int64_t nheads = int64_t(p.packed ? 1 : p.B) * p.Hk;
   AmxTask amx{task, round_up(p.Lk, BK), round_up(p.D, 32), round_up(p.Dv, 16), nullptr, nullptr};
-  uint16_t* buf = alloc_u16(nheads * (amx.k_elems() + amx.v_elems()));
+  uint16_t* buf = alloc_aligned<uint16_t>(nheads * (amx.k_elems() + amx.v_elems()));
   amx.kpack = buf;
   amx.vpack = buf + nheads * amx.k_elems();
   parallel_for(nheads, [](void* c, int64_t i) {
@@ -367,33 +358,20 @@ float* convert_kv(const Task<T>& task, FloatKV& kv) {
   const int64_t nheads = int64_t(p.packed ? 1 : p.B) * p.Hk;
   const int dvp = (p.Dv + 15) / 16 * 16;
   kv.lkp = (p.Lk + BK - 1) / BK * BK + BK;
-  const size_t per_head = size_t(kv.lkp) * (p.D + dvp);
-  float* buf = static_cast<float*>(aligned_alloc(64, (nheads * per_head * 4 + 63) / 64 * 64));
-  if (!buf) throw std::bad_alloc();
+  float* buf = alloc_aligned<float>(nheads * size_t(kv.lkp) * (p.D + dvp));
   kv.kt = buf;
   kv.v = buf + nheads * size_t(kv.lkp) * p.D;
-  struct Ctx { const FlashParams& p; const Task<T>& t; float* kt; float* v; int lkp, dvp; } ctx{
-      p, task, buf, buf + nheads * size_t(kv.lkp) * p.D, kv.lkp, dvp};
+  struct Ctx { const Task<T>& t; const FloatKV& kv; int dvp; } ctx{task, kv, dvp};
   parallel_for(nheads, [](void* c, int64_t i) {
     const Ctx& x = *static_cast<const Ctx*>(c);
-    const FlashParams& p = x.p;
-    const int b = int(i / p.Hk), hk = int(i % p.Hk);
-    const T* k = static_cast<const T*>(x.t.a.k) + b * p.k_strides[0] + hk * p.k_strides[1];
-    const T* v = static_cast<const T*>(x.t.a.v) + b * p.v_strides[0] + hk * p.v_strides[1];
-    float* kt = x.kt + i * size_t(x.lkp) * p.D;
-    float* vv = x.v + i * size_t(x.lkp) * x.dvp;
-    float row[FA_MAX_HEAD_DIM];
-    for (int n = 0; n < x.lkp; ++n) {
-      if (n < p.Lk) {
-        load_row(k + n * p.k_strides[2], p.k_strides[3], p.D, 1.0f, row);
-        for (int d = 0; d < p.D; ++d) kt[size_t(d) * x.lkp + n] = row[d];
-        load_row(v + n * p.v_strides[2], p.v_strides[3], p.Dv, 1.0f, vv + size_t(n) * x.dvp);
-        for (int d = p.Dv; d < x.dvp; ++d) vv[size_t(n) * x.dvp + d] = 0.0f;
-      } else {
-        for (int d = 0; d < p.D; ++d) kt[size_t(d) * x.lkp + n] = 0.0f;
-        for (int d = 0; d < x.dvp; ++d) vv[size_t(n) * x.dvp + d] = 0.0f;
-      }
-    }
+    const FlashParams& p = x.t.p;
+    const int b = int(i / p.Hk), hk = int(i % p.Hk), lkp = x.kv.lkp;
+    convert_rows(static_cast<const T*>(x.t.a.k) + b * p.k_strides[0] + hk * p.k_strides[1], p.Lk,
+                 p.D, p.k_strides[2], p.k_strides[3], 1.0f, lkp,
+                 const_cast<float*>(x.kv.kt) + i * size_t(lkp) * p.D, nullptr, 0);
+    convert_rows(static_cast<const T*>(x.t.a.v) + b * p.v_strides[0] + hk * p.v_strides[1], p.Lk,
+                 p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, lkp, nullptr,
+                 const_cast<float*>(x.kv.v) + i * size_t(lkp) * x.dvp, x.dvp);
   }, &ctx);
   return buf;
 }

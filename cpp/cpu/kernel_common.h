@@ -5,7 +5,10 @@
 #pragma once
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
+
+#include <new>
 
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -270,6 +273,36 @@ inline void pv_block(const float* p, int ldp, int ldj, const float* alpha, const
     case 1: pv_rows<R, 1>(p, ldp, ldj, alpha, v + c, n, nk, o + c, n); break;
     default: break;
   }
+}
+
+// Rows [0, np) of an (n x d) matrix X (element strides rs, cs) converted
+// to float32 times mul, zero past n rows: transposed into xt (d x np), and
+// as rows into xr (np x ldr, zero past d columns); either may be null. How
+// the kernels convert an operand once per head.
+template <typename T>
+inline void convert_rows(const T* x, long n, int d, fa_index_t rs, fa_index_t cs, float mul,
+                         int np, float* xt, float* xr, int ldr) {
+  float row[FA_MAX_HEAD_DIM];
+  for (int i = 0; i < np; ++i) {
+    if (i < n)
+      load_row(x + i * rs, cs, d, mul, row);
+    else
+      memset(row, 0, sizeof(float) * d);
+    if (xt)
+      for (int c = 0; c < d; ++c) xt[size_t(c) * np + i] = row[c];
+    if (xr) {
+      memcpy(xr + size_t(i) * ldr, row, sizeof(float) * d);
+      for (int c = d; c < ldr; ++c) xr[size_t(i) * ldr + c] = 0.0f;
+    }
+  }
+}
+
+// A 64-byte aligned buffer of n elements (free() it), or bad_alloc.
+template <typename T>
+inline T* alloc_aligned(size_t n) {
+  void* p = aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+  if (!p) throw std::bad_alloc();
+  return static_cast<T*>(p);
 }
 
 // Runs a row-blocked kernel over n rows: full blocks of ROWS, then the tail.

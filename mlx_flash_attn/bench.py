@@ -5,7 +5,8 @@ and PyTorch's scaled_dot_product_attention, in one run.
 
 Times are medians of repeated runs after warm-up, with the spread (min-max)
 of the runs; speed-ups are ratios of medians. GFLOP/s counts 4*B*H*Lq*Lk*D
-(halved for causal) forward, 2.5x that for forward+backward.
+(halved for causal) forward, 2.5x that for forward+backward. The full mode
+ends with the peak extra memory of a 32k-token causal call.
 """
 
 import argparse

@@ -88,8 +88,10 @@ def test_varlen_gradients_equal_per_sequence(rng, dtype):
             a, b = to64(a), to64(b)
             assert np.abs(a - b).max() <= 1e-2 * np.abs(b).max()
         else:
-            # Same kernel, same blocks per sequence: identical up to summation order.
-            np.testing.assert_allclose(to64(a), to64(b), rtol=1e-5, atol=1e-5)
+            # Same kernel, same blocks per sequence: equal up to summation
+            # order, which can flip the final rounding to bfloat16 (1 ulp).
+            rtol = 2.0**-7 if dtype == mx.bfloat16 else 1e-5
+            np.testing.assert_allclose(to64(a), to64(b), rtol=rtol, atol=1e-5)
 
 
 VARLEN_ERRORS = [

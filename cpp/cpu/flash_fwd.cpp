@@ -187,10 +187,7 @@ struct Task {
     for (int i = 0; i < nq; ++i) {
       float* row = s + i * BK;
       vf16 r0 = load16(row), r1 = load16(row + 16), r2 = load16(row + 32), r3 = load16(row + 48);
-      vf16 mx4 = r0 > r1 ? r0 : r1;
-      vf16 mx4b = r2 > r3 ? r2 : r3;
-      mx4 = mx4 > mx4b ? mx4 : mx4b;
-      const float mx = hmax(mx4);
+      const float mx = hmax(vmax(vmax(r0, r1), vmax(r2, r3)));
       const float m_new = mx > m[i] ? mx : m[i];
       if (m_new == -INFINITY) { // nothing visible yet: P = 0, O stays 0
         alpha[i] = 1.0f;

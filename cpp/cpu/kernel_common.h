@@ -37,12 +37,33 @@ constexpr int BQ = 64;
 #if defined(__AVX512F__)
 constexpr int ROWS = 4;
 #else
-constexpr int ROWS = 2;
+constexpr int ROWS = 1;
 #endif
 
+// 16 floats. AVX-512: one register. Elsewhere a pair of 8-float halves:
+// GCC keeps a 64-byte generic vector in memory when registers are narrower
+// (AVX2 ran 40x slower that way), but keeps native-width halves in registers.
+#if defined(__AVX512F__)
 typedef float vf16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
+inline vf16 vmax(vf16 a, vf16 b) { return a > b ? a : b; }
+#else
+typedef float vf8 __attribute__((vector_size(32)));
+struct vf16 {
+  vf8 lo, hi;
+  float operator[](int i) const { return i < 8 ? lo[i] : hi[i - 8]; }
+};
+inline vf16 operator+(vf16 a, vf16 b) { return {a.lo + b.lo, a.hi + b.hi}; }
+inline vf16 operator-(vf16 a, vf16 b) { return {a.lo - b.lo, a.hi - b.hi}; }
+inline vf16 operator*(vf16 a, vf16 b) { return {a.lo * b.lo, a.hi * b.hi}; }
+inline vf16 operator+(vf16 a, float b) { return {a.lo + b, a.hi + b}; }
+inline vf16 operator-(vf16 a, float b) { return {a.lo - b, a.hi - b}; }
+inline vf16 operator*(vf16 a, float b) { return {a.lo * b, a.hi * b}; }
+inline vf16& operator+=(vf16& a, vf16 b) { return a = a + b; }
+inline vf8 vmax(vf8 a, vf8 b) { return a > b ? a : b; }
+inline vf16 vmax(vf16 a, vf16 b) { return {vmax(a.lo, b.lo), vmax(a.hi, b.hi)}; }
+#endif
 
+#if defined(__AVX512F__)
 inline vf16 load16(const float* p) {
   vf16 v;
   memcpy(&v, p, sizeof(v));
@@ -54,6 +75,23 @@ inline void store16(float* p, vf16 v) {
 inline vf16 splat(float x) {
   return vf16{} + x;
 }
+#else
+// Half by half: a whole-struct memcpy goes through the stack.
+inline vf16 load16(const float* p) {
+  vf16 v;
+  memcpy(&v.lo, p, sizeof(vf8));
+  memcpy(&v.hi, p + 8, sizeof(vf8));
+  return v;
+}
+inline void store16(float* p, vf16 v) {
+  memcpy(p, &v.lo, sizeof(vf8));
+  memcpy(p + 8, &v.hi, sizeof(vf8));
+}
+inline vf16 splat(float x) {
+  const vf8 h = vf8{} + x;
+  return {h, h};
+}
+#endif
 
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -61,8 +99,9 @@ constexpr float kLog2e = 1.4426950408889634f;
 // needs; exactly 0 for -inf (masked scores). Polynomial instead of libm so
 // it vectorises on every instruction set.
 // Taylor series of 2^f = e^(f ln2) to degree 7: error < 1e-8 on [-.5, .5].
-inline vf16 exp2_poly(vf16 f) {
-  vf16 r = splat(1.5252733804059840e-5f);
+template <typename V>
+inline V exp2_poly(V f) {
+  V r = V{} + 1.5252733804059840e-5f;
   r = r * f + 1.5403530393381608e-4f;
   r = r * f + 1.3333558146428443e-3f;
   r = r * f + 9.6181291076284772e-3f;
@@ -81,19 +120,22 @@ inline vf16 exp2v(vf16 x) {
   return vf16(_mm512_scalef_ps(__m512(exp2_poly(f)), n));
 }
 #else
-inline vf16 exp2v(vf16 x) {
-  vf16 xc = x < -126.0f ? splat(-126.0f) : x;
-  xc = xc > 127.0f ? splat(127.0f) : xc;
+inline vf8 exp2v(vf8 x) {
+  typedef int32_t vi8 __attribute__((vector_size(32)));
+  const vf8 lo = vf8{} - 126.0f, hi = vf8{} + 127.0f;
+  vf8 xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
   const float magic = 12582912.0f; // 1.5 * 2^23: rounds to nearest integer
-  vf16 n = (xc + magic) - magic;
-  vi16 bits;
-  vf16 r = exp2_poly(xc - n); // f in [-0.5, 0.5]
+  vf8 n = (xc + magic) - magic;
+  vi8 bits;
+  vf8 r = exp2_poly(xc - n); // f in [-0.5, 0.5]
   memcpy(&bits, &r, sizeof(bits));
-  bits += __builtin_convertvector(n, vi16) << 23;
-  vf16 out;
+  bits += __builtin_convertvector(n, vi8) << 23;
+  vf8 out;
   memcpy(&out, &bits, sizeof(out));
-  return x < -126.0f ? splat(0.0f) : out;
+  return x < lo ? vf8{} : out;
 }
+inline vf16 exp2v(vf16 x) { return {exp2v(x.lo), exp2v(x.hi)}; }
 #endif
 
 // Horizontal max and sum as trees (4 dependent steps, not 15: they run once

@@ -34,10 +34,15 @@ namespace {
 // ---------------------------------------------------------------------------
 constexpr int BK = 64;
 constexpr int BQ = 64;
+// CHUNK: 16-float vectors per row of a register block (64 keys of S, or 64
+// columns of O, on AVX-512; 16 on AVX2, whose 16 registers then hold 6 rows
+// x 2 halves of accumulators, 2 operand halves and a broadcast).
 #if defined(__AVX512F__)
 constexpr int ROWS = 4;
+constexpr int CHUNK = 4;
 #else
-constexpr int ROWS = 1;
+constexpr int ROWS = 6;
+constexpr int CHUNK = 1;
 #endif
 
 // 16 floats. AVX-512: one register. Elsewhere a pair of 8-float halves:
@@ -88,7 +93,7 @@ inline void store16(float* p, vf16 v) {
   memcpy(p + 8, &v.hi, sizeof(vf8));
 }
 inline vf16 splat(float x) {
-  const vf8 h = vf8{} + x;
+  const vf8 h = {x, x, x, x, x, x, x, x}; // one broadcast (vf8{} + x adds 0 first)
   return {h, h};
 }
 #endif
@@ -259,25 +264,27 @@ inline void load_row(const T* src, fa_index_t stride, int n, float mul, float* d
 // Block GEMMs.
 // ---------------------------------------------------------------------------
 
-// S[r][0:BK] = sum_d Q[r][d] * Kt[d][0:BK] for R rows; Kt has row stride ldk.
+// S[r][0:BK] = sum_d Q[r][d] * Kt[d][0:BK] for R rows; Kt has row stride
+// ldk. Key chunks of 16 * CHUNK, each a pass over d with R x CHUNK
+// accumulators.
 template <int R>
 inline void qk_rows(const float* q, int ldq, const float* kt, int ldk, int D, float* s) {
-  vf16 acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) acc[r][c] = vf16{};
-  for (int d = 0; d < D; ++d) {
-    const float* kd = kt + size_t(d) * ldk;
-    vf16 k0 = load16(kd), k1 = load16(kd + 16), k2 = load16(kd + 32), k3 = load16(kd + 48);
-    for (int r = 0; r < R; ++r) {
-      vf16 qb = splat(q[r * ldq + d]);
-      acc[r][0] += qb * k0;
-      acc[r][1] += qb * k1;
-      acc[r][2] += qb * k2;
-      acc[r][3] += qb * k3;
+  for (int c0 = 0; c0 < BK; c0 += 16 * CHUNK) {
+    vf16 acc[R][CHUNK];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < CHUNK; ++c) acc[r][c] = vf16{};
+    for (int d = 0; d < D; ++d) {
+      const float* kd = kt + size_t(d) * ldk + c0;
+      vf16 kv[CHUNK];
+      for (int c = 0; c < CHUNK; ++c) kv[c] = load16(kd + c * 16);
+      for (int r = 0; r < R; ++r) {
+        const vf16 qb = splat(q[r * ldq + d]);
+        for (int c = 0; c < CHUNK; ++c) acc[r][c] += qb * kv[c];
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < CHUNK; ++c) store16(s + r * BK + c0 + c * 16, acc[r][c]);
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) store16(s + r * BK + c * 16, acc[r][c]);
 }
 
 // O[r][c0 : c0+16*NC] = alpha[r] * O[r][...] + sum_j P[r][j] * V[j][...]
@@ -303,17 +310,20 @@ inline void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const 
 }
 
 // pv_rows over all n columns of V and O (n a multiple of 16, the row stride
-// of both), in chunks of at most 64 columns to stay in registers.
+// of both), in chunks of at most 16 * CHUNK columns to stay in registers.
 template <int R>
 inline void pv_block(const float* p, int ldp, int ldj, const float* alpha, const float* v, int n,
                      int nk, float* o) {
   int c = 0;
-  for (; c + 64 <= n; c += 64) pv_rows<R, 4>(p, ldp, ldj, alpha, v + c, n, nk, o + c, n);
-  switch ((n - c) / 16) {
-    case 3: pv_rows<R, 3>(p, ldp, ldj, alpha, v + c, n, nk, o + c, n); break;
-    case 2: pv_rows<R, 2>(p, ldp, ldj, alpha, v + c, n, nk, o + c, n); break;
-    case 1: pv_rows<R, 1>(p, ldp, ldj, alpha, v + c, n, nk, o + c, n); break;
-    default: break;
+  for (; c + 16 * CHUNK <= n; c += 16 * CHUNK)
+    pv_rows<R, CHUNK>(p, ldp, ldj, alpha, v + c, n, nk, o + c, n);
+  if constexpr (CHUNK > 1) {
+    switch ((n - c) / 16) {
+      case 3: pv_rows<R, 3>(p, ldp, ldj, alpha, v + c, n, nk, o + c, n); break;
+      case 2: pv_rows<R, 2>(p, ldp, ldj, alpha, v + c, n, nk, o + c, n); break;
+      case 1: pv_rows<R, 1>(p, ldp, ldj, alpha, v + c, n, nk, o + c, n); break;
+      default: break;
+    }
   }
 }
 
@@ -347,12 +357,16 @@ inline T* alloc_aligned(size_t n) {
   return static_cast<T*>(p);
 }
 
-// Runs a row-blocked kernel over n rows: full blocks of ROWS, then the tail.
+// Runs a row-blocked kernel over n rows: full blocks of ROWS, then the
+// tail (< ROWS rows) in blocks of 4, 2 and 1.
 template <typename F>
 inline void for_row_blocks(int n, F&& f) {
   int i = 0;
   for (; i + ROWS <= n; i += ROWS) f.template operator()<ROWS>(i);
-  for (; i < n; ++i) f.template operator()<1>(i);
+  if constexpr (ROWS > 4)
+    if (i + 4 <= n) f.template operator()<4>(i), i += 4;
+  if (i + 2 <= n) f.template operator()<2>(i), i += 2;
+  if (i < n) f.template operator()<1>(i);
 }
 
 // a . b over n floats.

@@ -164,6 +164,14 @@ def test_long_sequence_many_blocks(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_keys_converted_in_waves(rng, dtype):
+    """One K/V head's float32 copy (9k keys x D 128) fills most of the CPU
+    kernel's 16 MiB budget, so its 8 K/V heads are converted a few at a
+    time (one per thread at least), each wave's tasks run before the next."""
+    run_and_check(rng, dtype, B=2, Hq=8, Hk=4, Lq=100, Lk=9000, D=128, window_size=(-1, 4000))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_contiguous_inputs(rng, dtype):
     """mlx-lm's (B, L, H, D) -> (B, H, L, D) transposes, slices, strided D."""
     B, L, H, D = 2, 75, 4, 64

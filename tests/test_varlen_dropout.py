@@ -53,6 +53,24 @@ def test_varlen_equals_per_sequence(rng, dtype, opts):
         np.testing.assert_allclose(got, ref_lse, rtol=2e-5, atol=2e-5)
 
 
+def test_varlen_long_keys_in_waves(rng):
+    """Packed sequences share each K/V head; with ~9k keys per head the CPU
+    kernel converts the heads in waves (see test_long_keys_converted_in_waves)."""
+    lens_q, lens_k = [100, 0, 70, 1], [4000, 30, 5000, 3]
+    Hq, Hk, D = 8, 8, 128
+    q, k, v = (pack(rng, lens, H, D, mx.float16) for lens, H in
+               ((lens_q, Hq), (lens_k, Hk), (lens_k, Hk)))
+    out = fa.attention_varlen(q, k, v, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k),
+                              causal=True)
+    oq, ok = (np.concatenate([[0], np.cumsum(x)]) for x in (lens_q, lens_k))
+    for b in range(len(lens_q)):
+        if lens_q[b] == 0:
+            continue
+        t = lambda x, o: x[o[b]:o[b + 1]].transpose(1, 0, 2)[None]
+        ref, _ = reference(t(q, oq), t(k, ok), t(v, ok), causal=True)
+        assert_close(out[oq[b]:oq[b + 1]].transpose(1, 0, 2)[None], ref, mx.float16)
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
 def test_varlen_gradients_equal_per_sequence(rng, dtype):
     Hq, Hk, D = 4, 1, 32

@@ -55,6 +55,9 @@ const char* isa_name();
 // tasks are handed out dynamically in increasing i.
 void parallel_for(int64_t n, void (*fn)(void* ctx, int64_t i), void* ctx);
 
+// The number of threads parallel_for runs on (the caller included).
+int num_threads();
+
 // A 64-byte aligned per-thread scratch buffer of at least nbytes, reused
 // across calls on the same thread.
 void* thread_scratch(size_t nbytes);

@@ -38,14 +38,36 @@ inline int heads_per_task(const FlashParams& p) {
 // Below this many rows a task computes S by dot products (qk_direct).
 constexpr int kFewRows = 8;
 
-// K^T and V of every (batch, K/V head) converted to float32 once, for
-// tasks that share them (see run_all): K^T is D x lkp, V lkp x dvp, keys
-// padded with zeros to a block multiple plus one block (tasks start their
-// blocks anywhere).
+// K^T and V of K/V heads [first, first + n) (index (batch, K/V head), see
+// TaskOrder) converted to float32 once, for the tasks that share them (see
+// run_all): K^T is D x lkp, V lkp x dvp, keys padded with zeros to a block
+// multiple plus one block (tasks start their blocks anywhere).
 struct FloatKV {
   const float* kt = nullptr;
   const float* v = nullptr;
   int lkp = 0;
+  int64_t first = 0;
+};
+
+// Tasks in the order K/V head (batch-major; the packed sequences of a
+// varlen call share each K/V head, so all their tasks sit under it), query
+// heads sharing it, query block: so the tasks of a range of K/V heads form a
+// range of indices. Last query blocks first: with causal masking they see
+// the most keys, and dynamic hand-out then balances the cores.
+struct TaskOrder {
+  int nqb, gpk, B, Hk; // query blocks, task groups per K/V head
+  bool packed;
+  int64_t kv_heads() const { return int64_t(packed ? 1 : B) * Hk; }
+  int64_t per_kv_head() const { return int64_t(packed ? B : 1) * gpk * nqb; }
+  void decode(int64_t i, int* b, int* hg, int* qb) const {
+    *qb = nqb - 1 - int(i % nqb);
+    i /= nqb;
+    const int g = int(i % gpk);
+    i /= gpk;
+    const int hk = packed ? int(i / B) : int(i % Hk);
+    *b = packed ? int(i % B) : int(i / Hk);
+    *hg = hk * gpk + g;
+  }
 };
 
 template <typename T>
@@ -105,10 +127,10 @@ struct Task {
       const float* ktb = kt;
       int ldk = BK;
       if (kv.kt) {
-        const size_t head = size_t(p.packed ? 0 : b) * p.Hk + hk;
-        ktb = kv.kt + head * D * kv.lkp + j0;
+        const size_t slot = size_t(p.packed ? 0 : b) * p.Hk + hk - kv.first;
+        ktb = kv.kt + slot * D * kv.lkp + j0;
         ldk = kv.lkp;
-        vf = const_cast<float*>(kv.v) + (head * kv.lkp + j0) * dvp;
+        vf = const_cast<float*>(kv.v) + (slot * kv.lkp + j0) * dvp;
       } else {
         load_kv(k, v, j0, nk, few_rows ? nullptr : kt, vf, dvp);
       }
@@ -306,25 +328,23 @@ struct AmxTask {
 };
 #endif
 
-// Runs t.run(b, group, qb) for every task. Order: the last query blocks
-// first, since with causal masking they see the most keys; dynamic hand-out
-// then balances the cores.
+// Runs t.run(b, group, qb) for tasks [begin, end) of `order`.
 template <typename TaskT>
-void run_tasks(const TaskT& t, int nqb, int ngroups, int64_t ntasks) {
-  struct Ctx { const TaskT* t; int nqb; int ngroups; } ctx{&t, nqb, ngroups};
-  parallel_for(ntasks, [](void* c, int64_t i) {
+void run_tasks(const TaskT& t, const TaskOrder& order, int64_t begin, int64_t end) {
+  struct Ctx { const TaskT* t; const TaskOrder* order; int64_t begin; } ctx{&t, &order, begin};
+  parallel_for(end - begin, [](void* c, int64_t i) {
     const Ctx& x = *static_cast<const Ctx*>(c);
-    const int qb = x.nqb - 1 - int(i % x.nqb);
-    const int64_t bh = i / x.nqb;
-    x.t->run(int(bh / x.ngroups), int(bh % x.ngroups), qb);
+    int b, hg, qb;
+    x.order->decode(x.begin + i, &b, &hg, &qb);
+    x.t->run(b, hg, qb);
   }, &ctx);
 }
 
 #if defined(__AMX_BF16__)
 // Packs K and V of every (batch, K/V head) in parallel, then runs the tasks.
-void run_amx(const Task<bf16_t>& task, int nqb, int ngroups, int64_t ntasks) {
+void run_amx(const Task<bf16_t>& task, const TaskOrder& order) {
   const FlashParams& p = task.p;
-  const int64_t nheads = int64_t(p.packed ? 1 : p.B) * p.Hk;
+  const int64_t nheads = order.kv_heads();
   AmxTask amx{task, round_up(p.Lk, BK), round_up(p.D, 32), round_up(p.Dv, 16), nullptr, nullptr};
   uint16_t* buf = alloc_aligned<uint16_t>(nheads * (amx.k_elems() + amx.v_elems()));
   amx.kpack = buf;
@@ -342,55 +362,68 @@ void run_amx(const Task<bf16_t>& task, int nqb, int ngroups, int64_t ntasks) {
     pack_row_pairs(v, p.Lk, p.Dv, p.v_strides[2], p.v_strides[3], t.lkp, t.dvp,
                    const_cast<uint16_t*>(t.vpack) + i * t.v_elems());
   }, &amx);
-  run_tasks(amx, nqb, ngroups, ntasks);
+  run_tasks(amx, order, 0, nheads * order.per_kv_head());
   free(buf);
 }
 #endif
 
-// Converts K^T and V of every (batch, K/V head) to float32 in parallel
-// (FloatKV); returns the buffer.
+// Converts K^T and V of K/V heads [kv.first, kv.first + n) to float32 in
+// parallel, into kv's buffers.
 template <typename T>
-float* convert_kv(const Task<T>& task, FloatKV& kv) {
-  const FlashParams& p = task.p;
-  const int64_t nheads = int64_t(p.packed ? 1 : p.B) * p.Hk;
-  const int dvp = (p.Dv + 15) / 16 * 16;
-  kv.lkp = (p.Lk + BK - 1) / BK * BK + BK;
-  float* buf = alloc_aligned<float>(nheads * size_t(kv.lkp) * (p.D + dvp));
-  kv.kt = buf;
-  kv.v = buf + nheads * size_t(kv.lkp) * p.D;
-  struct Ctx { const Task<T>& t; const FloatKV& kv; int dvp; } ctx{task, kv, dvp};
-  parallel_for(nheads, [](void* c, int64_t i) {
+void convert_kv(const Task<T>& task, const FloatKV& kv, int64_t n) {
+  struct Ctx { const Task<T>& t; const FloatKV& kv; } ctx{task, kv};
+  parallel_for(n, [](void* c, int64_t slot) {
     const Ctx& x = *static_cast<const Ctx*>(c);
     const FlashParams& p = x.t.p;
+    const int64_t i = x.kv.first + slot;
     const int b = int(i / p.Hk), hk = int(i % p.Hk), lkp = x.kv.lkp;
+    const int dvp = (p.Dv + 15) / 16 * 16;
     convert_rows(static_cast<const T*>(x.t.a.k) + b * p.k_strides[0] + hk * p.k_strides[1], p.Lk,
                  p.D, p.k_strides[2], p.k_strides[3], 1.0f, lkp,
-                 const_cast<float*>(x.kv.kt) + i * size_t(lkp) * p.D, nullptr, 0);
+                 const_cast<float*>(x.kv.kt) + slot * size_t(lkp) * p.D, nullptr, 0);
     convert_rows(static_cast<const T*>(x.t.a.v) + b * p.v_strides[0] + hk * p.v_strides[1], p.Lk,
                  p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, lkp, nullptr,
-                 const_cast<float*>(x.kv.v) + i * size_t(lkp) * x.dvp, x.dvp);
+                 const_cast<float*>(x.kv.v) + slot * size_t(lkp) * dvp, dvp);
   }, &ctx);
-  return buf;
 }
+
+// Float32 copies of K and V are made for this many bytes of K/V heads at a
+// time (at least one head per thread): memory stays bounded whatever the
+// batch, heads or length, and the copies of a wave stay in the last-level
+// cache while its tasks read them.
+constexpr size_t kWaveBytes = size_t(16) << 20;
 
 template <typename T>
 void run_all(const ForwardArgs& a) {
   const FlashParams& p = *a.p;
   const int hpt = heads_per_task(p);
   Task<T> task{a, p, hpt, BQ / hpt, {}};
-  const int nqb = (p.max_rows_q + task.nqi - 1) / task.nqi;
-  const int ngroups = p.Hq / hpt;
-  const int64_t ntasks = int64_t(p.B) * ngroups * nqb;
-  if (ntasks == 0) return;
+  const TaskOrder order{(p.max_rows_q + task.nqi - 1) / task.nqi, p.gqa_ratio / hpt, p.B, p.Hk,
+                        bool(p.packed)};
+  const int64_t nkv = order.kv_heads(), per_kv = order.per_kv_head();
+  if (nkv * per_kv == 0) return;
   // Converting (packing) K and V up front costs about one pass over them:
   // worth it when several query blocks reuse them, not for decoding (one
   // block per head), where the blocks are converted as they stream by.
-  if (nqb < 2) return run_tasks(task, nqb, ngroups, ntasks);
+  if (order.nqb < 2) return run_tasks(task, order, 0, nkv * per_kv);
 #if defined(__AMX_BF16__)
-  if constexpr (is_bf16<T>) return run_amx(task, nqb, ngroups, ntasks);
+  if constexpr (is_bf16<T>) return run_amx(task, order);
 #endif
-  float* buf = convert_kv(task, task.kv);
-  run_tasks(task, nqb, ngroups, ntasks);
+  FloatKV& kv = task.kv;
+  const int dvp = (p.Dv + 15) / 16 * 16;
+  kv.lkp = (p.Lk + BK - 1) / BK * BK + BK;
+  const size_t head_floats = size_t(kv.lkp) * (p.D + dvp);
+  int64_t wave = int64_t(kWaveBytes / (head_floats * sizeof(float)));
+  wave = wave < num_threads() ? num_threads() : wave;
+  wave = wave > nkv ? nkv : wave;
+  float* buf = alloc_aligned<float>(wave * head_floats);
+  kv.kt = buf;
+  kv.v = buf + wave * size_t(kv.lkp) * p.D;
+  for (kv.first = 0; kv.first < nkv; kv.first += wave) {
+    const int64_t n = nkv - kv.first < wave ? nkv - kv.first : wave;
+    convert_kv(task, kv, n);
+    run_tasks(task, order, kv.first * per_kv, (kv.first + n) * per_kv);
+  }
   free(buf);
 }
 

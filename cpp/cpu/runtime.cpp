@@ -90,6 +90,8 @@ class Pool {
     for (auto& t : workers_) t.join();
   }
 
+  int size() const { return int(workers_.size()) + 1; }
+
   void run(int64_t n, void (*fn)(void*, int64_t), void* ctx) {
     std::lock_guard<std::mutex> caller(run_mu_);
     if (workers_.empty() || n == 1) {
@@ -165,6 +167,10 @@ const char* isa_name() {
 
 void parallel_for(int64_t n, void (*fn)(void*, int64_t), void* ctx) {
   pool().run(n, fn, ctx);
+}
+
+int num_threads() {
+  return pool().size();
 }
 
 void* thread_scratch(size_t nbytes) {

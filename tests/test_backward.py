@@ -89,6 +89,14 @@ def test_gqa(rng, dtype, Hq, Hk):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_keys_converted_in_waves(rng, dtype):
+    """One K/V head's float32 operands (9k keys x D 128) fill most of the CPU
+    kernel's 16 MiB budget: the 8 K/V heads and their query heads are
+    converted and differentiated a few at a time."""
+    grad_check(rng, dtype, B=2, Hq=8, Hk=4, Lq=70, Lk=9000, D=128, window_size=(-1, 4000))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D,Dv", [(64, 32), (32, 128), (192, 128)])
 def test_dv_differs(rng, dtype, D, Dv):
     grad_check(rng, dtype, D=D, Dv=Dv)

@@ -71,26 +71,31 @@ def test_varlen_long_keys_in_waves(rng):
         assert_close(out[oq[b]:oq[b + 1]].transpose(1, 0, 2)[None], ref, mx.float16)
 
 
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
-def test_varlen_gradients_equal_per_sequence(rng, dtype):
-    Hq, Hk, D = 4, 1, 32
-    q = pack(rng, LENS_Q, Hq, D, dtype)
-    k = pack(rng, LENS_K, Hk, D, dtype)
-    v = pack(rng, LENS_K, Hk, D, dtype)
-    w = rand(rng, (sum(LENS_Q), Hq, D), mx.float32)
-    cq, ck = cu(LENS_Q), cu(LENS_K)
+@pytest.mark.parametrize("dtype,lens_q,lens_k,Hq,Hk,D", [
+    (mx.float32, LENS_Q, LENS_K, 4, 1, 32),
+    (mx.bfloat16, LENS_Q, LENS_K, 4, 1, 32),
+    # ~9k keys per K/V head at D 128: the CPU backward converts and runs the
+    # 4 K/V heads (shared by all sequences) in waves.
+    (mx.float32, [100, 0, 70], [4000, 30, 5000], 8, 4, 128),
+], ids=["float32", "bfloat16", "float32-waves"])
+def test_varlen_gradients_equal_per_sequence(rng, dtype, lens_q, lens_k, Hq, Hk, D):
+    q = pack(rng, lens_q, Hq, D, dtype)
+    k = pack(rng, lens_k, Hk, D, dtype)
+    v = pack(rng, lens_k, Hk, D, dtype)
+    w = rand(rng, (sum(lens_q), Hq, D), mx.float32)
+    cq, ck = cu(lens_q), cu(lens_k)
 
     def packed(q, k, v):
-        out = fa.attention_varlen(q, k, v, cq, ck, max(LENS_Q), max(LENS_K), causal=True,
+        out = fa.attention_varlen(q, k, v, cq, ck, max(lens_q), max(lens_k), causal=True,
                                   window_size=(20, -1))
         return (out * w).sum()
 
     def split(q, k, v):
-        oq = np.concatenate([[0], np.cumsum(LENS_Q)])
-        ok = np.concatenate([[0], np.cumsum(LENS_K)])
+        oq = np.concatenate([[0], np.cumsum(lens_q)])
+        ok = np.concatenate([[0], np.cumsum(lens_k)])
         total = 0.0
-        for b in range(len(LENS_Q)):
-            if LENS_Q[b] == 0 or LENS_K[b] == 0:
+        for b in range(len(lens_q)):
+            if lens_q[b] == 0 or lens_k[b] == 0:
                 continue  # nothing to differentiate (and MLX's scatter vjp fails on empty slices)
             t = lambda x, o: x[o[b]:o[b + 1]].transpose(1, 0, 2)[None]
             out = fa.attention(t(q, oq), t(k, ok), t(v, ok), causal=True, window_size=(20, -1))

@@ -27,12 +27,14 @@ inline int pad16(int n) {
   return (n + 15) / 16 * 16;
 }
 
-// Operands converted to float32 once (the FMA kernels): per K/V head K^T
-// (D x lkp), V^T (Dv x lkp) and K rows (lkp x Dp); per query head Q times
-// scale (lqp x Dp) and dO (lqp x dvp). Rows padded with zeros to a block
-// multiple plus one block (tasks start their blocks anywhere).
+// Operands converted to float32 once (the FMA kernels), for K/V heads
+// [kv_first, kv_first + wave) and their query heads (see run_backward): per
+// K/V head K^T (D x lkp), V^T (Dv x lkp) and K rows (lkp x Dp); per query
+// head Q times scale (lqp x Dp) and dO (lqp x dvp). Rows padded with zeros
+// to a block multiple plus one block (tasks start their blocks anywhere).
 struct FloatPacks {
   int lkp, lqp;
+  int64_t kv_first, wave;
   float *kt, *vt, *km, *qf, *dof;
 };
 
@@ -77,7 +79,7 @@ struct Backward {
   void query_rows(int b, int h, long i0, int nq, const float*& qf, const float*& dof, float* lse,
                   float* del) const {
     if (fp) {
-      const size_t qh = size_t(p.packed ? 0 : b) * p.Hq + h;
+      const size_t qh = size_t(p.packed ? 0 : b) * p.Hq + h - fp->kv_first * p.gqa_ratio;
       qf = fp->qf + (qh * fp->lqp + i0) * pad16(p.D);
       dof = fp->dof + (qh * fp->lqp + i0) * pad16(p.Dv);
     }
@@ -89,7 +91,7 @@ struct Backward {
   // K^T, V^T (row stride fp->lkp) and K rows from key j0 of K/V head hk.
   void key_cols(int b, int hk, long j0, const float*& kt, const float*& vt,
                 const float*& km) const {
-    const size_t kv = size_t(p.packed ? 0 : b) * p.Hk + hk;
+    const size_t kv = size_t(p.packed ? 0 : b) * p.Hk + hk - fp->kv_first;
     kt = fp->kt + kv * p.D * fp->lkp + j0;
     vt = fp->vt + kv * p.Dv * fp->lkp + j0;
     km = fp->km + (kv * fp->lkp + j0) * pad16(p.D);
@@ -441,25 +443,18 @@ uint16_t* pack_backward(const BackwardArgs& a, AmxPacks& pk) {
 }
 #endif
 
-// Converts the backward's operands to float32 (FloatPacks) in parallel
-// over heads; returns the buffer holding them.
+// Converts the backward's operands of K/V heads [fp.kv_first, fp.kv_first
+// + n) and their query heads to float32, in parallel over heads. A K/V
+// head's query heads are contiguous: (batch, K/V head) i has query heads
+// [i * gqa_ratio, (i + 1) * gqa_ratio) of (batch, head), packed or not.
 template <typename T>
-float* convert_backward(const BackwardArgs& a, FloatPacks& fp) {
+void convert_backward(const BackwardArgs& a, const FloatPacks& fp, int64_t n) {
   const FlashParams& p = *a.fwd.p;
-  const int nb = p.packed ? 1 : p.B, Dp = pad16(p.D), dvp = pad16(p.Dv);
-  fp.lkp = (p.Lk + BK - 1) / BK * BK + BK;
-  fp.lqp = (p.Lq + BQ - 1) / BQ * BQ + BQ;
-  const int64_t nkv = int64_t(nb) * p.Hk, nqh = int64_t(nb) * p.Hq;
-  float* buf = alloc_aligned<float>(nkv * size_t(fp.lkp) * (p.D + p.Dv + Dp) +
-                                    nqh * size_t(fp.lqp) * (Dp + dvp));
-  fp.kt = buf;
-  fp.vt = fp.kt + nkv * size_t(fp.lkp) * p.D;
-  fp.km = fp.vt + nkv * size_t(fp.lkp) * p.Dv;
-  fp.qf = fp.km + nkv * size_t(fp.lkp) * Dp;
-  fp.dof = fp.qf + nqh * size_t(fp.lqp) * Dp;
-  parallel(nkv + nqh, [&](int64_t i) {
-    if (i < nkv) {
-      const int b = int(i / p.Hk), hk = int(i % p.Hk);
+  const int Dp = pad16(p.D), dvp = pad16(p.Dv);
+  parallel(n * (1 + p.gqa_ratio), [&](int64_t i) {
+    if (i < n) {
+      const int64_t kv = fp.kv_first + i;
+      const int b = int(kv / p.Hk), hk = int(kv % p.Hk);
       convert_rows(static_cast<const T*>(a.fwd.k) + b * p.k_strides[0] + hk * p.k_strides[1], p.Lk,
                    p.D, p.k_strides[2], p.k_strides[3], 1.0f, fp.lkp,
                    fp.kt + i * size_t(fp.lkp) * p.D, fp.km + i * size_t(fp.lkp) * Dp, Dp);
@@ -467,8 +462,8 @@ float* convert_backward(const BackwardArgs& a, FloatPacks& fp) {
                    p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, fp.lkp,
                    fp.vt + i * size_t(fp.lkp) * p.Dv, nullptr, 0);
     } else {
-      const int64_t j = i - nkv;
-      const int b = int(j / p.Hq), h = int(j % p.Hq);
+      const int64_t j = i - n, qh = fp.kv_first * p.gqa_ratio + j;
+      const int b = int(qh / p.Hq), h = int(qh % p.Hq);
       convert_rows(static_cast<const T*>(a.fwd.q) + b * p.q_strides[0] + h * p.q_strides[1], p.Lq,
                    p.D, p.q_strides[2], p.q_strides[3], p.scale, fp.lqp, nullptr,
                    fp.qf + j * size_t(fp.lqp) * Dp, Dp);
@@ -477,37 +472,78 @@ float* convert_backward(const BackwardArgs& a, FloatPacks& fp) {
                    fp.dof + j * size_t(fp.lqp) * dvp, dvp);
     }
   });
+}
+
+// The buffer of FloatPacks for waves of K/V heads that fit kWaveBytes (one
+// head per thread at least); sets fp's sizes and pointers.
+template <typename T>
+float* alloc_float_packs(const FlashParams& p, FloatPacks& fp) {
+  const int Dp = pad16(p.D), dvp = pad16(p.Dv);
+  fp.lkp = (p.Lk + BK - 1) / BK * BK + BK;
+  fp.lqp = (p.Lq + BQ - 1) / BQ * BQ + BQ;
+  const size_t key_floats = size_t(fp.lkp) * (p.D + p.Dv + Dp);
+  const size_t query_floats = size_t(fp.lqp) * (Dp + dvp) * p.gqa_ratio;
+  const int64_t nkv = int64_t(p.packed ? 1 : p.B) * p.Hk;
+  fp.wave = int64_t(kWaveBytes / ((key_floats + query_floats) * sizeof(float)));
+  fp.wave = fp.wave < num_threads() ? num_threads() : fp.wave;
+  fp.wave = fp.wave > nkv ? nkv : fp.wave;
+  float* buf = alloc_aligned<float>(fp.wave * (key_floats + query_floats));
+  fp.kt = buf;
+  fp.vt = fp.kt + fp.wave * size_t(fp.lkp) * p.D;
+  fp.km = fp.vt + fp.wave * size_t(fp.lkp) * p.Dv;
+  fp.qf = fp.km + fp.wave * size_t(fp.lkp) * Dp;
+  fp.dof = fp.qf + fp.wave * p.gqa_ratio * size_t(fp.lqp) * Dp;
   return buf;
+}
+
+// The dQ tasks, then the dK/dV tasks, of K/V heads [first, first + n) (for
+// each, every packed sequence). Last query blocks first: under causal masks
+// they see the most keys.
+template <typename T>
+void run_heads(const Backward<T>& bw, int64_t first, int64_t n, int nkb) {
+  const FlashParams& p = bw.p;
+  const int nseq = p.packed ? p.B : 1, nqb = bw.nqb;
+  parallel(n * p.gqa_ratio * nseq * nqb, [&](int64_t t) {
+    const int qb = nqb - 1 - int(t % nqb), s = int(t / nqb % nseq);
+    const int64_t qh = first * p.gqa_ratio + t / nqb / nseq;
+    bw.dq_task(p.packed ? s : int(qh / p.Hq), int(qh % p.Hq), qb);
+  });
+  parallel(n * nseq * nkb, [&](int64_t t) {
+    const int kb = int(t % nkb), s = int(t / nkb % nseq);
+    const int64_t kv = first + t / nkb / nseq;
+    bw.dkv_task(p.packed ? s : int(kv / p.Hk), int(kv % p.Hk), kb);
+  });
 }
 
 template <typename T>
 void run_backward(const BackwardArgs& a) {
   const FlashParams& p = *a.fwd.p;
   const int nqb = (p.max_rows_q + BQ - 1) / BQ, nkb = (p.max_rows_k + BK - 1) / BK;
-  const int64_t nbh = int64_t(p.B) * p.Hq;
+  const int64_t nbh = int64_t(p.B) * p.Hq, nkv = int64_t(p.packed ? 1 : p.B) * p.Hk;
   float* delta = alloc_aligned<float>(nbh * p.Lq + 2 * nbh * nqb + 1);
   // bfloat16 with AMX: the GEMMs run on tiles over operands packed once;
-  // otherwise on FMAs over operands converted to float32 once.
+  // otherwise on FMAs over operands converted to float32 a wave of heads at
+  // a time.
   AmxPacks packs{};
   FloatPacks fpacks{};
   void* packed_operands = nullptr;
 #if defined(__AMX_BF16__)
   if constexpr (is_bf16<T>) packed_operands = pack_backward(a, packs);
 #endif
-  if (!packed_operands) packed_operands = convert_backward<T>(a, fpacks);
+  if (!packed_operands) packed_operands = alloc_float_packs<T>(p, fpacks);
   Backward<T> bw{a, p, delta, delta + nbh * p.Lq, nqb,
                  packs.kt ? &packs : nullptr, packs.kt ? nullptr : &fpacks};
 
   parallel(nbh, [&](int64_t bh) { bw.delta_rows(int(bh / p.Hq), int(bh % p.Hq), delta); });
-  // Last query blocks first: under causal masks they see the most keys.
-  parallel(nbh * nqb, [&](int64_t t) {
-    const int64_t bh = t / nqb;
-    bw.dq_task(int(bh / p.Hq), int(bh % p.Hq), nqb - 1 - int(t % nqb));
-  });
-  parallel(int64_t(p.B) * p.Hk * nkb, [&](int64_t t) {
-    const int64_t bh = t / nkb;
-    bw.dkv_task(int(bh / p.Hk), int(bh % p.Hk), int(t % nkb));
-  });
+  if (packs.kt) {
+    run_heads(bw, 0, nkv, nkb);
+  } else {
+    for (fpacks.kv_first = 0; fpacks.kv_first < nkv; fpacks.kv_first += fpacks.wave) {
+      const int64_t n = nkv - fpacks.kv_first < fpacks.wave ? nkv - fpacks.kv_first : fpacks.wave;
+      convert_backward<T>(a, fpacks, n);
+      run_heads(bw, fpacks.kv_first, n, nkb);
+    }
+  }
   for (int64_t bh = 0; bh < nbh; ++bh) { // fixed-order reduction of the partials
     double d_alibi = 0.0, d_sink = 0.0;
     for (int qb = 0; qb < nqb; ++qb) {

@@ -387,12 +387,6 @@ void convert_kv(const Task<T>& task, const FloatKV& kv, int64_t n) {
   }, &ctx);
 }
 
-// Float32 copies of K and V are made for this many bytes of K/V heads at a
-// time (at least one head per thread): memory stays bounded whatever the
-// batch, heads or length, and the copies of a wave stay in the last-level
-// cache while its tasks read them.
-constexpr size_t kWaveBytes = size_t(16) << 20;
-
 template <typename T>
 void run_all(const ForwardArgs& a) {
   const FlashParams& p = *a.p;

@@ -349,6 +349,12 @@ inline void convert_rows(const T* x, long n, int d, fa_index_t rs, fa_index_t cs
   }
 }
 
+// The kernels make float32 copies of their operands for this many bytes of
+// K/V heads at a time (a wave; at least one head per thread): memory stays
+// bounded whatever the batch, heads or length, and a wave's copies stay in
+// the last-level cache while its tasks read them.
+constexpr size_t kWaveBytes = size_t(16) << 20;
+
 // A 64-byte aligned buffer of n elements (free() it), or bad_alloc.
 template <typename T>
 inline T* alloc_aligned(size_t n) {

@@ -163,6 +163,28 @@ def test_long_sequence_many_blocks(rng, dtype):
     run_and_check(rng, dtype, B=1, Hq=2, Hk=1, Lq=700, Lk=1000, D=128, causal=True)
 
 
+# Decoding with fewer tasks than cores (here 1 task: 4 query heads share one
+# K/V head): the CPU kernel splits the keys into chunks of >= 4 blocks and
+# merges them by LSE. Windows leave whole chunks empty; sinks join the merge.
+DECODE_SPLIT_OPTS = {
+    "plain": lambda rng: {},
+    "window": lambda rng: {"window_size": (300, 0)},
+    "last-key": lambda rng: {"window_size": (0, 0)},
+    "softcap-alibi-sinks": lambda rng: {
+        "softcap": 5.0, "alibi_slopes": mx.array(rng.uniform(0, 0.01, 4).astype(np.float32)),
+        "sinks": mx.array(rng.uniform(-2, 3, 4).astype(np.float32))},
+    "bool-mask": lambda rng: {"mask": mx.array(rng.random(1500) < 0.5)},
+    "masked-out-with-sinks": lambda rng: {
+        "mask": mx.zeros((1500,), dtype=mx.bool_), "sinks": mx.array([0.5, -1.0, 2.0, 0.0])},
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opts", DECODE_SPLIT_OPTS, ids=str)
+def test_decode_split_keys(rng, dtype, opts):
+    run_and_check(rng, dtype, B=1, Hq=4, Hk=1, Lq=1, Lk=1500, D=96, **DECODE_SPLIT_OPTS[opts](rng))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_long_keys_converted_in_waves(rng, dtype):
     """One K/V head's float32 copy (9k keys x D 128) fills most of the CPU

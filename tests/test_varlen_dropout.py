@@ -71,6 +71,38 @@ def test_varlen_long_keys_in_waves(rng):
         assert_close(out[oq[b]:oq[b + 1]].transpose(1, 0, 2)[None], ref, mx.float16)
 
 
+def test_varlen_decode_split_keys(rng):
+    """One query per sequence, few tasks: the CPU kernel splits each task's
+    keys; a sequence without keys gets zeros and lse = -inf."""
+    lens_q, lens_k = [1, 1, 1], [1500, 0, 700]
+    q, k, v = (pack(rng, lens, H, 64, mx.float32) for lens, H in
+               ((lens_q, 4), (lens_k, 1), (lens_k, 1)))
+    out, lse = fa.attention_varlen(q, k, v, cu(lens_q), cu(lens_k), 1, max(lens_k),
+                                   return_lse=True)
+    ok = np.concatenate([[0], np.cumsum(lens_k)])
+    for b in (0, 2):
+        ref, ref_lse = reference(q[b:b + 1].transpose(1, 0, 2)[None],
+                                 k[ok[b]:ok[b + 1]].transpose(1, 0, 2)[None],
+                                 v[ok[b]:ok[b + 1]].transpose(1, 0, 2)[None])
+        assert_close(out[b:b + 1].transpose(1, 0, 2)[None], ref, mx.float32)
+        np.testing.assert_allclose(to64(lse[:, b]), ref_lse[0, :, 0], rtol=2e-5, atol=2e-5)
+    assert np.all(to64(out[1]) == 0) and np.all(np.isneginf(to64(lse[:, 1])))
+
+
+def test_dropout_decode_split_equals_unsplit(rng):
+    """Dropout's mask is a hash of (b, h, i, j): a decode whose keys are split
+    (8 query heads on 1 K/V head: one task) equals the same heads with K/V
+    repeated (8 tasks: not split)."""
+    q = rand(rng, (1, 8, 1, 64), mx.float32)
+    k, v = (rand(rng, (1, 1, 2000, 64), mx.float32) for _ in range(2))
+    key = mx.random.key(11)
+    split = fa.attention(q, k, v, dropout_p=0.3, key=key)
+    whole = fa.attention(q, mx.repeat(k, 8, 1), mx.repeat(v, 8, 1), dropout_p=0.3, key=key)
+    no_dropout = fa.attention(q, k, v)
+    np.testing.assert_allclose(to64(split), to64(whole), rtol=1e-5, atol=1e-6)
+    assert np.abs(to64(split) - to64(no_dropout)).max() > 1e-2
+
+
 @pytest.mark.parametrize("dtype,lens_q,lens_k,Hq,Hk,D", [
     (mx.float32, LENS_Q, LENS_K, 4, 1, 32),
     (mx.bfloat16, LENS_Q, LENS_K, 4, 1, 32),

@@ -70,6 +70,17 @@ struct TaskOrder {
   }
 };
 
+// Decoding with fewer tasks than cores: each task's keys are cut into n
+// chunks of whole blocks, run as separate tasks that store their normalised
+// output rows and LSEs here, merged by LSE afterwards (Task::merge). Task
+// slot (b * groups + hg, chunk): rows at o + (slot * BQ + r) * dvp and
+// lse + slot * BQ + r.
+struct SplitKeys {
+  int n = 1;
+  float* o = nullptr;
+  float* lse = nullptr;
+};
+
 template <typename T>
 struct Task {
   const ForwardArgs& a;
@@ -77,9 +88,14 @@ struct Task {
   int hpt; // query heads per task
   int nqi; // query rows per head per task: BQ / hpt
   FloatKV kv;
+  SplitKeys split;
+
+  size_t split_slot(int b, int hg, int chunk) const {
+    return (size_t(b) * (p.Hq / hpt) + hg) * split.n + chunk;
+  }
 
   // Rows of the task: row r is head h0 + r / nqh, query i0 + r % nqh.
-  void run(int b, int hg, int qb) const {
+  void run(int b, int hg, int qb, int chunk = 0) const {
     const Seq sq = seq_of(p, a.seqs, b);
     long i0;
     const int nqh = block_rows(sq.qrows_begin, sq.qrows_end, qb, nqi, &i0);
@@ -93,6 +109,11 @@ struct Task {
     // Keys any row of this block can see; rows narrow it further below.
     long kbeg, kend;
     visible_keys(p, sq, i0, i0 + nqh, &kbeg, &kend);
+    if (split.n > 1) { // this chunk of whole blocks
+      const long per = ((kend - kbeg + split.n - 1) / split.n + BK - 1) / BK * BK;
+      kbeg = kbeg + chunk * per < kend ? kbeg + chunk * per : kend;
+      kend = kbeg + per < kend ? kbeg + per : kend;
+    }
 
     // Q (scaled), K^T block, V block, S/P block, O accumulator, m, l (a
     // vector of partial sums per row), alpha.
@@ -144,7 +165,51 @@ struct Task {
         pv_block<R>(s + i * BK, BK, 1, alpha + i, vf, dvp, nk, o + i * dvp);
       });
     }
-    finish_heads(b, h0, i0, nqh, o, m, l, dvp);
+    if (split.n == 1) return finish_heads(b, h0, i0, nqh, o, m, l, dvp);
+    const size_t slot = split_slot(b, hg, chunk);
+    for (int r = 0; r < nq; ++r) {
+      const float li = hsum(load16(l + r * 16)), inv = li > 0.0f ? 1.0f / li : 0.0f;
+      split.lse[slot * BQ + r] = li > 0.0f ? m[r] + logf(li) : -INFINITY;
+      for (int d = 0; d < dvp; ++d) split.o[(slot * BQ + r) * dvp + d] = o[r * dvp + d] * inv;
+    }
+  }
+
+  // Merges the chunks of task (b, hg) of a split decode (see SplitKeys), the
+  // sink logit with them, and writes O and the LSE as finish() does.
+  void merge(int b, int hg) const {
+    const Seq sq = seq_of(p, a.seqs, b);
+    long i0;
+    const int nqh = block_rows(sq.qrows_begin, sq.qrows_end, 0, nqi, &i0);
+    const int Dv = p.Dv, dvp = (Dv + 15) / 16 * 16;
+    const size_t slot0 = split_slot(b, hg, 0);
+    float acc[FA_MAX_HEAD_DIM];
+    for (int r = 0; r < hpt * nqh; ++r) {
+      const int h = hg * hpt + r / nqh;
+      const long i = i0 + r % nqh;
+      T* out = static_cast<T*>(a.out) + out_row(p, p.Hq, p.Lq, b, h, i) * Dv;
+      float* lse = a.lse + out_row(p, p.Hq, p.Lq, b, h, i);
+      const float sink = p.has_sinks ? per_head(a.sinks, p.sinks_strides, b, h) : -INFINITY;
+      float mx = sink;
+      for (int c = 0; c < split.n; ++c) {
+        const float lc = split.lse[(slot0 + c) * BQ + r];
+        mx = lc > mx ? lc : mx;
+      }
+      if (mx == -INFINITY) { // no visible key and no sink
+        for (int d = 0; d < Dv; ++d) out[d] = from_float<T>(0.0f);
+        *lse = -INFINITY;
+        continue;
+      }
+      float den = p.has_sinks ? expf(sink - mx) : 0.0f;
+      for (int d = 0; d < Dv; ++d) acc[d] = 0.0f;
+      for (int c = 0; c < split.n; ++c) {
+        const float w = expf(split.lse[(slot0 + c) * BQ + r] - mx);
+        const float* oc = split.o + ((slot0 + c) * BQ + r) * dvp;
+        den += w;
+        for (int d = 0; d < Dv; ++d) acc[d] += w * oc[d];
+      }
+      for (int d = 0; d < Dv; ++d) out[d] = from_float<T>(acc[d] / den);
+      *lse = mx + logf(den);
+    }
   }
 
   // S (scaled scores of rows h0 + r / nqh, i0 + r % nqh and keys [j0, j0 +
@@ -367,6 +432,37 @@ void run_amx(const Task<bf16_t>& task, const TaskOrder& order) {
 }
 #endif
 
+// Decoding: one task per group of query heads (and sequence) sharing a K/V
+// head. With fewer than two tasks per thread, cores would idle: the keys
+// of each task are split (SplitKeys), at least 4 blocks per chunk.
+template <typename T>
+void run_decode(Task<T>& task, const TaskOrder& order) {
+  const FlashParams& p = task.p;
+  const int64_t ntasks = order.kv_heads() * order.per_kv_head();
+  int64_t n = (2 * num_threads() + ntasks - 1) / ntasks;
+  n = n > p.max_rows_k / (4 * BK) ? p.max_rows_k / (4 * BK) : n;
+  if (n < 2) return run_tasks(task, order, 0, ntasks);
+  const int dvp = (p.Dv + 15) / 16 * 16;
+  task.split.n = int(n);
+  float* buf = alloc_aligned<float>(size_t(ntasks) * n * BQ * (dvp + 1));
+  task.split.o = buf;
+  task.split.lse = buf + size_t(ntasks) * n * BQ * dvp;
+  struct Ctx { const Task<T>* t; const TaskOrder* order; } ctx{&task, &order};
+  parallel_for(ntasks * n, [](void* c, int64_t i) {
+    const Ctx& x = *static_cast<const Ctx*>(c);
+    int b, hg, qb;
+    x.order->decode(i / x.t->split.n, &b, &hg, &qb);
+    x.t->run(b, hg, qb, int(i % x.t->split.n));
+  }, &ctx);
+  parallel_for(ntasks, [](void* c, int64_t i) {
+    const Ctx& x = *static_cast<const Ctx*>(c);
+    int b, hg, qb;
+    x.order->decode(i, &b, &hg, &qb);
+    x.t->merge(b, hg);
+  }, &ctx);
+  free(buf);
+}
+
 // Converts K^T and V of K/V heads [kv.first, kv.first + n) to float32 in
 // parallel, into kv's buffers.
 template <typename T>
@@ -399,7 +495,7 @@ void run_all(const ForwardArgs& a) {
   // Converting (packing) K and V up front costs about one pass over them:
   // worth it when several query blocks reuse them, not for decoding (one
   // block per head), where the blocks are converted as they stream by.
-  if (order.nqb < 2) return run_tasks(task, order, 0, nkv * per_kv);
+  if (order.nqb < 2) return run_decode(task, order);
 #if defined(__AMX_BF16__)
   if constexpr (is_bf16<T>) return run_amx(task, order);
 #endif

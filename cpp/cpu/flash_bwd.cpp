@@ -188,6 +188,41 @@ struct Backward {
   }
 #endif
 
+  // The gradients that dS (the score gradient before softcap's chain rule)
+  // gives directly: the additive mask's block, and the ALiBi slope's sum.
+  void score_grads(const Seq& sq, int b, int h, long i0, int nq, long j0, int nk, const float* dp,
+                   double* dslope) const {
+    for (int i = 0; i < nq; ++i) {
+      const float* dsrow = dp + i * BK;
+      if (a.dmask) memcpy(a.dmask + row_index(b, h, i0 + i) * p.Lk + j0, dsrow, sizeof(float) * nk);
+      if (a.dalibi) {
+        const long diag = i0 + i + sq.shift;
+        for (int j = 0; j < nk; ++j) {
+          const long dist = diag - (j0 + j);
+          *dslope -= double(dsrow[j]) * double(dist < 0 ? -dist : dist);
+        }
+      }
+    }
+  }
+
+  // dQ (times scale) of rows [i0, i0 + nq) of head h from float32 sums,
+  // the sink gradient of those rows, and the task's ALiBi/sink partials.
+  void write_dq(int b, int h, long i0, int nq, const float* dqa, const float* lse,
+                const float* del, double dslope, int qb) const {
+    const int D = p.D, Dp = pad16(D);
+    T* dq = static_cast<T*>(a.dq) + row_index(b, h, i0) * D;
+    for (int i = 0; i < nq; ++i)
+      for (int d = 0; d < D; ++d) dq[i * D + d] = from_float<T>(dqa[i * Dp + d] * p.scale);
+    double dsink = 0.0;
+    if (a.dsinks) { // d lse / d sink = P_sink; the sink carries no value
+      const float sink = per_head(a.fwd.sinks, p.sinks_strides, b, h);
+      for (int i = 0; i < nq; ++i) dsink -= double(expf(sink - lse[i])) * del[i];
+    }
+    float* part = partials + 2 * (size_t(b * p.Hq + h) * nqb + qb);
+    part[0] = float(dslope);
+    part[1] = float(dsink);
+  }
+
   // --- dQ pass: query block qb of head h in batch b. ---
   void dq_task(int b, int h, int qb) const {
     const Seq sq = seq_of(p, a.fwd.seqs, b);
@@ -230,17 +265,7 @@ struct Backward {
         key_cols(b, hk, j0, kt, vt, km);
         scores(sq, b, h, i0, nq, j0, nk, slope, qf, dof, kt, vt, fp->lkp, lse, del, s, dp, cap);
       }
-      for (int i = 0; i < nq; ++i) {
-        const float* dsrow = dp + i * BK;
-        if (a.dmask) memcpy(a.dmask + row_index(b, h, i0 + i) * p.Lk + j0, dsrow, sizeof(float) * nk);
-        if (a.dalibi) {
-          const long diag = i0 + i + sq.shift;
-          for (int j = 0; j < nk; ++j) {
-            const long dist = diag - (j0 + j);
-            dslope -= double(dsrow[j]) * double(dist < 0 ? -dist : dist);
-          }
-        }
-      }
+      score_grads(sq, b, h, i0, nq, j0, nk, dp, &dslope);
       if (p.softcap > 0.0f) softcap_chain(nq, dp, cap);
 #if defined(__AMX_BF16__)
       if (amx) { // dQ += dS K
@@ -260,22 +285,18 @@ struct Backward {
     if (amx) tiles_end();
 #endif
 
-    T* dq = static_cast<T*>(a.dq) + row_index(b, h, i0) * D;
-    for (int i = 0; i < nq; ++i)
-      for (int d = 0; d < D; ++d) dq[i * D + d] = from_float<T>(dqa[i * Dp + d] * p.scale);
-
-    double dsink = 0.0;
-    if (a.dsinks) { // d lse / d sink = P_sink; the sink carries no value
-      const float sink = per_head(a.fwd.sinks, p.sinks_strides, b, h);
-      for (int i = 0; i < nq; ++i) dsink -= double(expf(sink - lse[i])) * del[i];
-    }
-    float* part = partials + 2 * (size_t(b * p.Hq + h) * nqb + qb);
-    part[0] = float(dslope);
-    part[1] = float(dsink);
+    write_dq(b, h, i0, nq, dqa, lse, del, dslope, qb);
   }
 
-  // --- dK/dV pass: key block kb of kv head hk in batch b. ---
-  void dkv_task(int b, int hk, int kb) const {
+  // --- dK/dV pass: key block kb of kv head hk in batch b. In the fused
+  // pass (fused_task) also dQ += dS K into dqa (the task's query heads x
+  // rows from qrows_begin, see Fused) and the score gradients. ---
+  struct Fused {
+    float* dqa;
+    double* dslope; // per query head of the group
+    long rows;
+  };
+  void dkv_task(int b, int hk, int kb, const Fused* fz = nullptr) const {
     const Seq sq = seq_of(p, a.fwd.seqs, b);
     long j0;
     const int nk = block_rows(sq.krows_begin, sq.krows_end, kb, BK, &j0);
@@ -305,15 +326,64 @@ struct Backward {
         const int nq = qend - i0 < BQ ? int(qend - i0) : BQ;
         query_rows(b, h, i0, nq, qf, dof, lse, del);
         scores(sq, b, h, i0, nq, j0, nk, slope, qf, dof, kt, vt, fp->lkp, lse, del, s, dp, cap);
+        const int hh = h - hk * p.gqa_ratio;
+        if (fz) score_grads(sq, b, h, i0, nq, j0, nk, dp, fz->dslope + hh);
         if (p.softcap > 0.0f) softcap_chain(nq, dp, cap);
         // dV += P^T dO and dK += dS^T Q, reading P and dS transposed.
         for_row_blocks(nk, [&]<int R>(int j) {
           pv_block<R>(s + j, 1, BK, nullptr, dof, dvp, nq, dva + j * dvp);
           pv_block<R>(dp + j, 1, BK, nullptr, qf, Dp, nq, dka + j * Dp);
         });
+        if (fz) {
+          float* dqa = fz->dqa + (hh * fz->rows + (i0 - sq.qrows_begin)) * Dp;
+          for_row_blocks(nq, [&]<int R>(int i) {
+            pv_block<R>(dp + i * BK, BK, 1, nullptr, km, Dp, nk, dqa + i * Dp);
+          });
+        }
       }
     }
     write_dkv(b, hk, j0, nk, dka, dva, 1.0f);
+  }
+
+  // --- Fused pass: every key block of K/V head hk in batch b, dQ of its
+  // query heads summed over them in one buffer: 5 block GEMMs per (query,
+  // key) block pair instead of the two passes' 7, with no atomics (the
+  // task owns those dQ rows). For the float32 operands, with enough heads
+  // to keep the cores busy (run_heads). ---
+  void fused_task(int b, int hk, int nkb) const {
+    const Seq sq = seq_of(p, a.fwd.seqs, b);
+    const long rows = sq.qrows_end - sq.qrows_begin;
+    const int g = p.gqa_ratio, Dp = pad16(p.D);
+    float* dqa = alloc_aligned<float>(size_t(g) * rows * Dp + 1);
+    double* dslope = alloc_aligned<double>(g);
+    memset(dqa, 0, sizeof(float) * size_t(g) * rows * Dp);
+    for (int hh = 0; hh < g; ++hh) {
+      dslope[hh] = 0.0;
+      if (a.dmask)
+        memset(a.dmask + row_index(b, hk * g + hh, sq.qrows_begin) * p.Lk, 0,
+               sizeof(float) * rows * size_t(p.Lk));
+    }
+    const Fused fz{dqa, dslope, rows};
+    for (int kb = 0; kb < nkb; ++kb) dkv_task(b, hk, kb, &fz);
+    float lse[BQ], del[BQ];
+    for (int hh = 0; hh < g; ++hh) {
+      const int h = hk * g + hh;
+      for (int qb = 0; qb < nqb; ++qb) { // the dQ pass's blocks, partials per block
+        long i0;
+        const int nq = block_rows(sq.qrows_begin, sq.qrows_end, qb, BQ, &i0);
+        const float *unused_q, *unused_do;
+        if (nq == 0) {
+          partials[2 * (size_t(b * p.Hq + h) * nqb + qb)] = 0.0f;
+          partials[2 * (size_t(b * p.Hq + h) * nqb + qb) + 1] = 0.0f;
+          continue;
+        }
+        query_rows(b, h, i0, nq, unused_q, unused_do, lse, del);
+        write_dq(b, h, i0, nq, dqa + (hh * rows + (i0 - sq.qrows_begin)) * Dp, lse, del,
+                 qb == 0 ? dslope[hh] : 0.0, qb);
+      }
+    }
+    free(dslope);
+    free(dqa);
   }
 
   // dK (times dk_scale) and dV of keys [j0, j0 + nk) of K/V head hk.
@@ -503,6 +573,16 @@ template <typename T>
 void run_heads(const Backward<T>& bw, int64_t first, int64_t n, int nkb) {
   const FlashParams& p = bw.p;
   const int nseq = p.packed ? p.B : 1, nqb = bw.nqb;
+  // One fused task per (batch, K/V head) when there are enough of them to
+  // share out (two per thread); else the two passes' finer tasks.
+  const int64_t nkv = int64_t(p.packed ? 1 : p.B) * p.Hk;
+  if (!bw.amx && nkv * nseq >= 2 * num_threads()) {
+    parallel(n * nseq, [&](int64_t t) {
+      const int64_t kv = first + t / nseq;
+      bw.fused_task(p.packed ? int(t % nseq) : int(kv / p.Hk), int(kv % p.Hk), nkb);
+    });
+    return;
+  }
   parallel(n * p.gqa_ratio * nseq * nqb, [&](int64_t t) {
     const int qb = nqb - 1 - int(t % nqb), s = int(t / nqb % nseq);
     const int64_t qh = first * p.gqa_ratio + t / nqb / nseq;

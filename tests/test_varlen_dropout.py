@@ -263,9 +263,11 @@ def test_dropout_mean_converges_to_no_dropout(rng):
 
 @pytest.mark.parametrize("opts", [{}, {"causal": True, "window_size": (30, 0)},
                                   {"sinks": True, "softcap": 2.0}], ids=str)
-def test_dropout_gradients(rng, opts):
+# One K/V head: the CPU backward's two passes; 2 x 8: its fused per-head tasks.
+@pytest.mark.parametrize("B,Hq,Hk", [(1, 2, 1), (2, 8, 8)], ids=str)
+def test_dropout_gradients(rng, opts, B, Hq, Hk):
     """Gradients with a fixed key equal float64 autograd through the same mask."""
-    B, Hq, Hk, Lq, Lk, D, p = 1, 2, 1, 40, 56, 32, 0.25
+    Lq, Lk, D, p = 40, 56, 32, 0.25
     key = mx.random.key(7)
     z = dropout_mask(B, Hq, Lq, Lk, p, key)
     opts = dict(opts)

@@ -544,19 +544,15 @@ void convert_backward(const BackwardArgs& a, const FloatPacks& fp, int64_t n) {
   });
 }
 
-// The buffer of FloatPacks for waves of K/V heads that fit kWaveBytes (one
-// head per thread at least); sets fp's sizes and pointers.
-template <typename T>
-float* alloc_float_packs(const FlashParams& p, FloatPacks& fp) {
+// The buffer of FloatPacks for waves of the nkv K/V heads (wave_heads);
+// sets fp's sizes and pointers.
+float* alloc_float_packs(const FlashParams& p, int64_t nkv, FloatPacks& fp) {
   const int Dp = pad16(p.D), dvp = pad16(p.Dv);
   fp.lkp = (p.Lk + BK - 1) / BK * BK + BK;
   fp.lqp = (p.Lq + BQ - 1) / BQ * BQ + BQ;
   const size_t key_floats = size_t(fp.lkp) * (p.D + p.Dv + Dp);
   const size_t query_floats = size_t(fp.lqp) * (Dp + dvp) * p.gqa_ratio;
-  const int64_t nkv = int64_t(p.packed ? 1 : p.B) * p.Hk;
-  fp.wave = int64_t(kWaveBytes / ((key_floats + query_floats) * sizeof(float)));
-  fp.wave = fp.wave < num_threads() ? num_threads() : fp.wave;
-  fp.wave = fp.wave > nkv ? nkv : fp.wave;
+  fp.wave = wave_heads((key_floats + query_floats) * sizeof(float), nkv);
   float* buf = alloc_aligned<float>(fp.wave * (key_floats + query_floats));
   fp.kt = buf;
   fp.vt = fp.kt + fp.wave * size_t(fp.lkp) * p.D;
@@ -566,17 +562,15 @@ float* alloc_float_packs(const FlashParams& p, FloatPacks& fp) {
   return buf;
 }
 
-// The dQ tasks, then the dK/dV tasks, of K/V heads [first, first + n) (for
-// each, every packed sequence). Last query blocks first: under causal masks
-// they see the most keys.
+// The backward of K/V heads [first, first + n) (for each, every packed
+// sequence): one fused task per head (fused), or the dQ tasks, last query
+// blocks first (under causal masks they see the most keys), then the dK/dV
+// tasks.
 template <typename T>
-void run_heads(const Backward<T>& bw, int64_t first, int64_t n, int nkb) {
+void run_heads(const Backward<T>& bw, int64_t first, int64_t n, int nkb, bool fused) {
   const FlashParams& p = bw.p;
   const int nseq = p.packed ? p.B : 1, nqb = bw.nqb;
-  // One fused task per (batch, K/V head) when there are enough of them to
-  // share out (two per thread); else the two passes' finer tasks.
-  const int64_t nkv = int64_t(p.packed ? 1 : p.B) * p.Hk;
-  if (!bw.amx && nkv * nseq >= 2 * num_threads()) {
+  if (fused) {
     parallel(n * nseq, [&](int64_t t) {
       const int64_t kv = first + t / nseq;
       bw.fused_task(p.packed ? int(t % nseq) : int(kv / p.Hk), int(kv % p.Hk), nkb);
@@ -610,18 +604,21 @@ void run_backward(const BackwardArgs& a) {
 #if defined(__AMX_BF16__)
   if constexpr (is_bf16<T>) packed_operands = pack_backward(a, packs);
 #endif
-  if (!packed_operands) packed_operands = alloc_float_packs<T>(p, fpacks);
+  if (!packed_operands) packed_operands = alloc_float_packs(p, nkv, fpacks);
   Backward<T> bw{a, p, delta, delta + nbh * p.Lq, nqb,
                  packs.kt ? &packs : nullptr, packs.kt ? nullptr : &fpacks};
 
   parallel(nbh, [&](int64_t bh) { bw.delta_rows(int(bh / p.Hq), int(bh % p.Hq), delta); });
+  // Fused per-head tasks when there are enough to share out (two per
+  // thread); else the two passes' finer tasks.
+  const bool fused = !packs.kt && nkv * (p.packed ? p.B : 1) >= 2 * num_threads();
   if (packs.kt) {
-    run_heads(bw, 0, nkv, nkb);
+    run_heads(bw, 0, nkv, nkb, fused);
   } else {
     for (fpacks.kv_first = 0; fpacks.kv_first < nkv; fpacks.kv_first += fpacks.wave) {
       const int64_t n = nkv - fpacks.kv_first < fpacks.wave ? nkv - fpacks.kv_first : fpacks.wave;
       convert_backward<T>(a, fpacks, n);
-      run_heads(bw, fpacks.kv_first, n, nkb);
+      run_heads(bw, fpacks.kv_first, n, nkb, fused);
     }
   }
   for (int64_t bh = 0; bh < nbh; ++bh) { // fixed-order reduction of the partials

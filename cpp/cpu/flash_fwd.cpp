@@ -503,9 +503,7 @@ void run_all(const ForwardArgs& a) {
   const int dvp = (p.Dv + 15) / 16 * 16;
   kv.lkp = (p.Lk + BK - 1) / BK * BK + BK;
   const size_t head_floats = size_t(kv.lkp) * (p.D + dvp);
-  int64_t wave = int64_t(kWaveBytes / (head_floats * sizeof(float)));
-  wave = wave < num_threads() ? num_threads() : wave;
-  wave = wave > nkv ? nkv : wave;
+  const int64_t wave = wave_heads(head_floats * sizeof(float), nkv);
   float* buf = alloc_aligned<float>(wave * head_floats);
   kv.kt = buf;
   kv.v = buf + wave * size_t(kv.lkp) * p.D;

@@ -355,6 +355,13 @@ inline void convert_rows(const T* x, long n, int d, fa_index_t rs, fa_index_t cs
 // the last-level cache while its tasks read them.
 constexpr size_t kWaveBytes = size_t(16) << 20;
 
+// K/V heads per wave, of nkv, when each takes head_bytes of copies.
+inline int64_t wave_heads(size_t head_bytes, int64_t nkv) {
+  int64_t w = int64_t(kWaveBytes / head_bytes);
+  w = w < num_threads() ? num_threads() : w;
+  return w > nkv ? nkv : w;
+}
+
 // A 64-byte aligned buffer of n elements (free() it), or bad_alloc.
 template <typename T>
 inline T* alloc_aligned(size_t n) {

@@ -208,6 +208,26 @@ def test_non_contiguous_inputs(rng, dtype):
         assert_close(out, ref, dtype)
 
 
+# Fewer than 8 query rows per task (decoding) take S from dot products with
+# 8 rows of K at a time: head dims that are not a multiple of 8 leave a
+# tail, key counts a partial group; float32 K of unit stride is read in
+# place, strided or 16-bit K converted first.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [1, 7, 20, 100])
+@pytest.mark.parametrize("Lq", [1, 3])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_few_rows_odd_head_dims(rng, dtype, D, Lq, strided):
+    B, H, Lk = 2, 2, 77
+    q = rand(rng, (B, H, Lq, D), dtype)
+    k = rand(rng, (B, H, Lk, 2 * D if strided else D), dtype)
+    k = k[..., ::2] if strided else k
+    v = rand(rng, (B, H, Lk, D), dtype)
+    for causal in (False, True):
+        out = fa.attention(q, k, v, causal=causal)
+        ref, _ = reference(q, k, v, causal=causal)
+        assert_close(out, ref, dtype)
+
+
 def test_matches_mlx_fast_sdpa(rng):
     """Drop-in: the same call as mx.fast.scaled_dot_product_attention."""
     q = rand(rng, (1, 8, 33, 64), mx.float32)

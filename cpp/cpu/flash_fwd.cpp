@@ -256,14 +256,40 @@ struct Task {
     if (nk < BK) memset(vf + nk * dvp, 0, sizeof(float) * size_t(BK - nk) * dvp);
   }
 
-  // S[r][j] = Q[r] . K[j0 + j] for nq rows, row by row of K (the columns
-  // past nk are masked later).
+  // S[r][j] = Q[r] . K[j0 + j] for nq rows, 8 rows of K at a time (the
+  // columns past nk are masked later). float32 rows of unit stride are read
+  // in place, others converted.
   void qk_direct(const float* qf, int nq, const T* k, long j0, int nk, float* s) const {
-    const int D = p.D;
-    float row[FA_MAX_HEAD_DIM];
-    for (int j = 0; j < nk; ++j) {
-      load_row(k + (j0 + j) * p.k_strides[2], p.k_strides[3], D, 1.0f, row);
-      for (int r = 0; r < nq; ++r) s[r * BK + j] = dot(qf + r * D, row, D);
+    const int D = p.D, D8 = D / 8 * 8;
+    float kr[8][FA_MAX_HEAD_DIM];
+    const float* kp[8];
+    for (int j = 0; j < nk; j += 8) {
+      for (int t = 0; t < 8; ++t) {
+        const T* row = k + (j0 + (j + t < nk ? j + t : j)) * p.k_strides[2];
+        if constexpr (sizeof(T) == sizeof(float))
+          if (p.k_strides[3] == 1) {
+            kp[t] = reinterpret_cast<const float*>(row);
+            continue;
+          }
+        load_row(row, p.k_strides[3], D, 1.0f, kr[t]);
+        kp[t] = kr[t];
+      }
+      for (int r = 0; r < nq; ++r) {
+        const float* q = qf + r * D;
+        vf8 acc[8] = {};
+        for (int d = 0; d < D8; d += 8) {
+          vf8 qv, kv;
+          memcpy(&qv, q + d, sizeof(qv));
+          for (int t = 0; t < 8; ++t) {
+            memcpy(&kv, kp[t] + d, sizeof(kv));
+            acc[t] += qv * kv;
+          }
+        }
+        vf8 sum = lane_sums(acc);
+        for (int d = D8; d < D; ++d)
+          for (int t = 0; t < 8; ++t) sum[t] += q[d] * kp[t][d];
+        memcpy(s + r * BK + j, &sum, sizeof(sum));
+      }
     }
   }
 

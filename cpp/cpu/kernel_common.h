@@ -48,11 +48,12 @@ constexpr int CHUNK = 1;
 // 16 floats. AVX-512: one register. Elsewhere a pair of 8-float halves:
 // GCC keeps a 64-byte generic vector in memory when registers are narrower
 // (AVX2 ran 40x slower that way), but keeps native-width halves in registers.
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
 #if defined(__AVX512F__)
 typedef float vf16 __attribute__((vector_size(64)));
 inline vf16 vmax(vf16 a, vf16 b) { return a > b ? a : b; }
 #else
-typedef float vf8 __attribute__((vector_size(32)));
 struct vf16 {
   vf8 lo, hi;
   float operator[](int i) const { return i < 8 ? lo[i] : hi[i - 8]; }
@@ -153,19 +154,21 @@ inline float hsum(vf16 v) {
   return _mm512_reduce_add_ps(__m512(v));
 }
 #else
+// In registers: the halves, then the 128-bit quarters, then pairs (a
+// round trip through memory stalls on store forwarding at every step).
+template <typename F>
+inline float reduce(vf16 v, F op) {
+  const vf8 x = op(v.lo, v.hi);
+  vf4 a = op(__builtin_shufflevector(x, x, 0, 1, 2, 3), __builtin_shufflevector(x, x, 4, 5, 6, 7));
+  a = op(a, __builtin_shufflevector(a, a, 2, 3, 0, 1));
+  a = op(a, __builtin_shufflevector(a, a, 1, 0, 3, 2));
+  return a[0];
+}
 inline float hmax(vf16 v) {
-  float t[16];
-  memcpy(t, &v, sizeof(t));
-  for (int w = 8; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) t[i] = t[i + w] > t[i] ? t[i + w] : t[i];
-  return t[0];
+  return reduce(v, [](auto a, auto b) { return b > a ? b : a; });
 }
 inline float hsum(vf16 v) {
-  float t[16];
-  memcpy(t, &v, sizeof(t));
-  for (int w = 8; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) t[i] += t[i + w];
-  return t[0];
+  return reduce(v, [](auto a, auto b) { return a + b; });
 }
 #endif
 
@@ -382,16 +385,20 @@ inline void for_row_blocks(int n, F&& f) {
   if (i < n) f.template operator()<1>(i);
 }
 
-// a . b over n floats.
-inline float dot(const float* a, const float* b, int n) {
-  vf16 acc{};
-  int d = 0;
-  for (; d + 16 <= n; d += 16) acc += load16(a + d) * load16(b + d);
-  float sum = hsum(acc);
-  for (; d < n; ++d) sum += a[d] * b[d];
-  return sum;
+// The lane sums of 8 vectors: out[t] = sum of a[t]'s 8 lanes. Pairwise
+// shuffles of whole vectors (3 levels for 8 sums), where 8 separate
+// horizontal sums would take 8 x 3 dependent steps.
+inline vf8 lane_sums(const vf8 (&a)[8]) {
+  vf8 b[4], c[2];
+  for (int t = 0; t < 4; ++t) // b[t] = pair sums of a[2t] and a[2t+1], interleaved
+    b[t] = __builtin_shufflevector(a[2 * t], a[2 * t + 1], 0, 2, 8, 10, 4, 6, 12, 14) +
+           __builtin_shufflevector(a[2 * t], a[2 * t + 1], 1, 3, 9, 11, 5, 7, 13, 15);
+  for (int t = 0; t < 2; ++t) // c[t] = a[4t..4t+3] summed over lanes 0-3, then 4-7
+    c[t] = __builtin_shufflevector(b[2 * t], b[2 * t + 1], 0, 2, 8, 10, 4, 6, 12, 14) +
+           __builtin_shufflevector(b[2 * t], b[2 * t + 1], 1, 3, 9, 11, 5, 7, 13, 15);
+  return __builtin_shufflevector(c[0], c[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
-
 
 // ---------------------------------------------------------------------------
 // Score modifiers, applied in the API's order: softcap, then ALiBi, the mask

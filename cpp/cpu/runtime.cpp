@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -104,31 +105,50 @@ class Pool {
       ctx_ = ctx;
       n_ = n;
       next_.store(0);
-      active_ = int(workers_.size());
-      ++generation_;
+      active_.store(int(workers_.size()));
+      generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
     work();
+    if (spin_until([this] { return active_.load(std::memory_order_acquire) == 0; })) return;
     std::unique_lock<std::mutex> lk(mu_);
-    done_cv_.wait(lk, [this] { return active_ == 0; });
+    done_cv_.wait(lk, [this] { return active_.load() == 0; });
   }
 
  private:
+  // A kernel call runs a few parallel_fors back to back, and a model calls
+  // the kernel layer after layer: waiting threads spin for a moment before
+  // sleeping, since waking a sleeping thread costs tens of microseconds.
+  template <typename Ready>
+  static bool spin_until(Ready ready) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
+    for (int i = 1;; ++i) {
+      if (ready()) return true;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#elif defined(__aarch64__)
+      asm volatile("yield");
+#endif
+      if (i % 64 == 0 && std::chrono::steady_clock::now() > end) return false;
+    }
+  }
   void work() {
     for (int64_t i; (i = next_.fetch_add(1)) < n_;) fn_(ctx_, i);
   }
   void loop() {
     uint64_t seen = 0;
     for (;;) {
-      {
+      if (!spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; })) {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
+        cv_.wait(lk, [&] { return stop_ || generation_.load() != seen; });
         if (stop_) return;
-        seen = generation_;
       }
+      seen = generation_.load(std::memory_order_acquire);
       work();
-      std::lock_guard<std::mutex> lk(mu_);
-      if (--active_ == 0) done_cv_.notify_one();
+      if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lk(mu_);
+        done_cv_.notify_one();
+      }
     }
   }
 
@@ -139,8 +159,8 @@ class Pool {
   void* ctx_ = nullptr;
   int64_t n_ = 0;
   std::atomic<int64_t> next_{0};
-  int active_ = 0;
-  uint64_t generation_ = 0;
+  std::atomic<int> active_{0};
+  std::atomic<uint64_t> generation_{0};
   bool stop_ = false;
 };
 

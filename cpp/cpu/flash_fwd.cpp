@@ -295,31 +295,34 @@ struct Task {
 
   // Online softmax: per row, new max m, rescale factor alpha for the old
   // accumulator, P = exp(S - m) written over S, running sum l kept as 16
-  // partial sums per row (reduced once, in finish).
+  // partial sums per row (reduced once, in finish). The maxima come first,
+  // so the alphas take one vector exp2 per 16 rows, not a serial one per row.
   void softmax_update(int nq, float* s, float* m, float* l, float* alpha) const {
     for (int i = 0; i < nq; ++i) {
-      float* row = s + i * BK;
-      vf16 r0 = load16(row), r1 = load16(row + 16), r2 = load16(row + 32), r3 = load16(row + 48);
-      const float mx = hmax(vmax(vmax(r0, r1), vmax(r2, r3)));
+      const float* row = s + i * BK;
+      const float mx = hmax(vmax(vmax(load16(row), load16(row + 16)),
+                                 vmax(load16(row + 32), load16(row + 48))));
       const float m_new = mx > m[i] ? mx : m[i];
-      if (m_new == -INFINITY) { // nothing visible yet: P = 0, O stays 0
-        alpha[i] = 1.0f;
+      alpha[i] = m_new == -INFINITY ? 0.0f : (m[i] - m_new) * kLog2e; // exp2: 1 or 0 from -inf
+      m[i] = m_new;
+    }
+    for (int i = 0; i < nq; i += 16) // the alpha buffer holds BQ: a partial tail is harmless
+      store16(alpha + i, exp2v(load16(alpha + i)));
+    const vf16 l2e = splat(kLog2e);
+    for (int i = 0; i < nq; ++i) {
+      float* row = s + i * BK;
+      if (m[i] == -INFINITY) { // nothing visible yet: P = 0, O stays 0
         memset(row, 0, sizeof(float) * BK);
         continue;
       }
-      alpha[i] = exp2v(splat((m[i] - m_new) * kLog2e))[0]; // not libm: once per row per block
-      const vf16 mb = splat(m_new * kLog2e);
-      const vf16 l2e = splat(kLog2e);
-      r0 = exp2v(r0 * l2e - mb);
-      r1 = exp2v(r1 * l2e - mb);
-      r2 = exp2v(r2 * l2e - mb);
-      r3 = exp2v(r3 * l2e - mb);
+      const vf16 mb = splat(m[i] * kLog2e);
+      const vf16 r0 = exp2v(load16(row) * l2e - mb), r1 = exp2v(load16(row + 16) * l2e - mb);
+      const vf16 r2 = exp2v(load16(row + 32) * l2e - mb), r3 = exp2v(load16(row + 48) * l2e - mb);
       store16(row, r0);
       store16(row + 16, r1);
       store16(row + 32, r2);
       store16(row + 48, r3);
       store16(l + i * 16, load16(l + i * 16) * alpha[i] + ((r0 + r1) + (r2 + r3)));
-      m[i] = m_new;
     }
   }
 

@@ -3,6 +3,8 @@ AVX-512 with AMX), chosen through MLX_FLASH_ATTN_ISA in a fresh process and
 checked against the float64 references by a slice of the forward and
 backward tests. The default run only exercises the best build."""
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +35,44 @@ def test_build_against_reference(isa):
          "-k", "head_dims or combined or lengths or decode"],
         env=env, capture_output=True, text=True, cwd=TESTS)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+
+
+# --- Every build compiles with clang too: Apple's toolchain is clang, and
+# Apple Silicon gets the generic build (NEON). Compiled for aarch64 Linux
+# here, the nearest target whose headers Debian has (g++-aarch64-linux-gnu).
+ROOT = TESTS.parent
+CLANG = shutil.which("clang++-19")
+
+
+def cmake_isa_flags():
+    """FA_FLAGS_<isa> from CMakeLists.txt, ${...} references expanded."""
+    text = (ROOT / "CMakeLists.txt").read_text()
+    flags = {}
+    for isa, value in re.findall(r"set\(FA_FLAGS_(\w+) ([^)]*)\)", text):
+        value = re.sub(r"\$\{FA_FLAGS_(\w+)\}", lambda m: " ".join(flags[m.group(1)]), value)
+        flags[isa] = value.replace('""', "").split()
+    return flags
+
+
+def clang_compile(source, *args):
+    cmd = [CLANG, "-std=c++20", "-O0", "-c", "-o", os.devnull, "-Wno-psabi",
+           "-I", str(ROOT / "cpp"), "-I", str(ROOT / "kernels"), *args, str(ROOT / source)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0 and "error" not in res.stderr, res.stderr[-3000:]
+
+
+CLANG_BUILDS = [("x86_64", isa) for isa in ["generic", "avx2", "avx512", "amx"]] + [
+    ("aarch64", "generic")]
+
+
+@pytest.mark.skipif(CLANG is None, reason="clang++-19 not installed (apt-get install clang-19)")
+@pytest.mark.parametrize("arch,isa", CLANG_BUILDS, ids=lambda x: x)
+def test_kernels_compile_with_clang(arch, isa):
+    target = [f"--target={arch}-linux-gnu"]
+    if arch == "aarch64" and not Path("/usr/aarch64-linux-gnu/include").is_dir():
+        pytest.fail("aarch64 headers missing: apt-get install g++-aarch64-linux-gnu")
+    flags = cmake_isa_flags().get(isa, []) if arch == "x86_64" else []
+    for source in ["cpp/cpu/flash_fwd.cpp", "cpp/cpu/flash_bwd.cpp"]:
+        clang_compile(source, *target, f"-DFA_ISA={isa}", *flags)
+    runtime_defs = ["-DFA_HAVE_X86_KERNELS"] if arch == "x86_64" else []
+    clang_compile("cpp/cpu/runtime.cpp", *target, *runtime_defs)

@@ -234,7 +234,7 @@ struct Backward {
     float *dqa, *s, *dp, *cap, *lse, *del, *tmp, *ds;
     carve_scratch({{&dqa, size_t(BQ) * Dp}, {&s, BQ * BK}, {&dp, BQ * BK}, {&cap, BQ * BK},
                    {&lse, BQ}, {&del, BQ}, {&tmp, amx ? size_t(BQ) * amx->dp : 0},
-                   {&ds, amx ? BQ * BK / 2 : 0}});
+                   {&ds, amx ? size_t(BQ) * BK / 2 : 0}});
     const float *qf = nullptr, *dof = nullptr, *kt, *vt, *km;
 
     query_rows(b, h, i0, nq, qf, dof, lse, del);
@@ -304,9 +304,9 @@ struct Backward {
     const int D = p.D, Dv = p.Dv, Dp = pad16(D), dvp = pad16(Dv);
     float *dka, *dva, *pt, *dst, *s, *dp, *cap, *lse, *del, *tmp, *pd16;
     const size_t amx_cols = amx ? size_t(amx->dp > amx->dvp ? amx->dp : amx->dvp) : 0;
-    carve_scratch({{&dka, size_t(BK) * Dp}, {&dva, size_t(BK) * dvp}, {&pt, amx ? BK * BQ : 0},
-                   {&dst, amx ? BK * BQ : 0}, {&s, BQ * BK}, {&dp, BQ * BK}, {&cap, BQ * BK},
-                   {&lse, BQ}, {&del, BQ}, {&tmp, BK * amx_cols}, {&pd16, amx ? BK * BQ : 0}});
+    carve_scratch({{&dka, size_t(BK) * Dp}, {&dva, size_t(BK) * dvp}, {&pt, amx ? size_t(BK) * BQ : 0},
+                   {&dst, amx ? size_t(BK) * BQ : 0}, {&s, BQ * BK}, {&dp, BQ * BK}, {&cap, BQ * BK},
+                   {&lse, BQ}, {&del, BQ}, {&tmp, BK * amx_cols}, {&pd16, amx ? size_t(BK) * BQ : 0}});
     const float *qf = nullptr, *dof = nullptr;
 
     memset(dka, 0, sizeof(float) * BK * Dp);

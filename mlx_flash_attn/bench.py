@@ -3,12 +3,12 @@ and PyTorch's scaled_dot_product_attention, in one run.
 
     python benchmarks/bench.py [--quick]      (or: python -m mlx_flash_attn.bench)
 
-Times are medians of repeated runs after warm-up, with the spread (min-max)
-of the runs; a call over 20 s in warm-up is timed once. Speed-ups are ratios
-of medians. GFLOP/s counts 4*B*H*Lq*Lk*D (halved for causal) forward, 3.5x
-that for forward+backward (the backward's five GEMMs on top of the
-forward's two). The full mode ends with the peak extra memory of a
-32k-token causal call.
+Times are medians of repeated runs after a warm-up of at least 0.3 s, with
+the spread (min-max) of the runs; a call over 20 s in warm-up is timed
+once. Speed-ups are ratios of medians. GFLOP/s counts 4*B*H*Lq*Lk*D
+(halved for causal) forward, 3.5x that for forward+backward (the
+backward's five GEMMs on top of the forward's two). The full mode ends
+with the peak extra memory of a 32k-token causal call.
 """
 
 import argparse
@@ -59,12 +59,19 @@ MLX_MAX_FLOP = 4e10
 # some peers have no fast path on some CPUs (PyTorch's bfloat16 backward
 # without bfloat16 arithmetic: minutes per call at 16k tokens).
 SLOW_CALL_S = 20.0
+# Warm-up lasts `warmup` calls and at least this long (seconds): a few
+# millisecond calls leave caches, allocators and clocks cold (the first
+# case of a run measured ~25% slow after two).
+WARMUP_S = 0.3
 
 
 def timeit(fn, reps, warmup=2):
-    for _ in range(warmup):
+    start = time.perf_counter()
+    n = 0
+    while n < warmup or time.perf_counter() - start < WARMUP_S:
         t = time.perf_counter()
         fn()
+        n += 1
         if time.perf_counter() - t > SLOW_CALL_S:
             reps = 1
             break

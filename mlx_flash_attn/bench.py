@@ -5,10 +5,11 @@ and PyTorch's scaled_dot_product_attention, in one run.
 
 Times are medians of repeated runs (at least --reps, more for short calls)
 after a warm-up of at least 0.3 s, with the spread (min-max) of the runs;
-a call over 20 s in warm-up is timed once. Speed-ups are ratios of medians. GFLOP/s counts 4*B*H*Lq*Lk*D
-(halved for causal) forward, 3.5x that for forward+backward (the
-backward's five GEMMs on top of the forward's two). The full mode ends
-with the peak extra memory of a 32k-token causal call.
+a call over 20 s in warm-up is timed once. Speed-ups are ratios of
+medians. GFLOP/s counts 4*B*H*Lq*Lk*D (halved for causal) forward, 3.5x
+that for forward+backward (the backward's five GEMMs on top of the
+forward's two). The full mode ends with the peak extra memory of a
+32k-token causal call.
 """
 
 import argparse
@@ -201,8 +202,8 @@ def main(argv=None):
                 for dt in dict.fromkeys(["float32"] + dtypes) if dt != "float16"}
     print("GEMM ceiling (PyTorch matmul, best run, n^3 up to 2048^3): " +
           ", ".join(f"{dt} {c:.0f} GFLOP/s" for dt, c in ceilings.items()))
-    print(f"times: median ms (max-min spread) over {reps} runs, or as many as span {TIMED_S} s "
-          f"(up to {MAX_REPS}); MLX over 2")
+    print(f"times: median ms (max-min spread) over {reps} runs, or as many as span "
+          f"{TIMED_S} s (up to {MAX_REPS}); MLX over 2")
     head = (f"{'config':10s} {'pass':7s} {'dtype':8s} {'causal':6s} {'ours ms':>17s} {'mlx ms':>17s} "
             f"{'torch ms':>17s} {'vs mlx':>7s} {'vs torch':>8s} {'GFLOP/s':>8s} {'of ceil':>7s}")
     print(head)

@@ -73,6 +73,10 @@ struct Backward {
   size_t row_index(int b, int h, long i) const { // into (B, Hq, Lq) arrays
     return out_row(p, p.Hq, p.Lq, b, h, i);
   }
+  // The ALiBi and sink partial sums of dQ task (batch b, head h, block qb).
+  float* partial(int b, int h, int qb) const {
+    return partials + 2 * (size_t(b * p.Hq + h) * nqb + qb);
+  }
 
   // The LSE and Delta of rows [i0, i0 + nq) of head h and, with the float32
   // packs, their Q (scaled) and dO rows.
@@ -218,7 +222,7 @@ struct Backward {
       const float sink = per_head(a.fwd.sinks, p.sinks_strides, b, h);
       for (int i = 0; i < nq; ++i) dsink -= double(expf(sink - lse[i])) * del[i];
     }
-    float* part = partials + 2 * (size_t(b * p.Hq + h) * nqb + qb);
+    float* part = partial(b, h, qb);
     part[0] = float(dslope);
     part[1] = float(dsink);
   }
@@ -304,9 +308,10 @@ struct Backward {
     const int D = p.D, Dv = p.Dv, Dp = pad16(D), dvp = pad16(Dv);
     float *dka, *dva, *pt, *dst, *s, *dp, *cap, *lse, *del, *tmp, *pd16;
     const size_t amx_cols = amx ? size_t(amx->dp > amx->dvp ? amx->dp : amx->dvp) : 0;
-    carve_scratch({{&dka, size_t(BK) * Dp}, {&dva, size_t(BK) * dvp}, {&pt, amx ? size_t(BK) * BQ : 0},
-                   {&dst, amx ? size_t(BK) * BQ : 0}, {&s, BQ * BK}, {&dp, BQ * BK}, {&cap, BQ * BK},
-                   {&lse, BQ}, {&del, BQ}, {&tmp, BK * amx_cols}, {&pd16, amx ? size_t(BK) * BQ : 0}});
+    const size_t amx_block = amx ? size_t(BK) * BQ : 0;
+    carve_scratch({{&dka, size_t(BK) * Dp}, {&dva, size_t(BK) * dvp}, {&pt, amx_block},
+                   {&dst, amx_block}, {&s, BQ * BK}, {&dp, BQ * BK}, {&cap, BQ * BK},
+                   {&lse, BQ}, {&del, BQ}, {&tmp, BK * amx_cols}, {&pd16, amx_block}});
     const float *qf = nullptr, *dof = nullptr;
 
     memset(dka, 0, sizeof(float) * BK * Dp);
@@ -373,8 +378,7 @@ struct Backward {
         const int nq = block_rows(sq.qrows_begin, sq.qrows_end, qb, BQ, &i0);
         const float *unused_q, *unused_do;
         if (nq == 0) {
-          partials[2 * (size_t(b * p.Hq + h) * nqb + qb)] = 0.0f;
-          partials[2 * (size_t(b * p.Hq + h) * nqb + qb) + 1] = 0.0f;
+          partial(b, h, qb)[0] = partial(b, h, qb)[1] = 0.0f;
           continue;
         }
         query_rows(b, h, i0, nq, unused_q, unused_do, lse, del);
@@ -624,8 +628,9 @@ void run_backward(const BackwardArgs& a) {
   for (int64_t bh = 0; bh < nbh; ++bh) { // fixed-order reduction of the partials
     double d_alibi = 0.0, d_sink = 0.0;
     for (int qb = 0; qb < nqb; ++qb) {
-      d_alibi += bw.partials[2 * (bh * nqb + qb)];
-      d_sink += bw.partials[2 * (bh * nqb + qb) + 1];
+      const float* part = bw.partial(int(bh / p.Hq), int(bh % p.Hq), qb);
+      d_alibi += part[0];
+      d_sink += part[1];
     }
     if (a.dalibi) a.dalibi[bh] = float(d_alibi);
     if (a.dsinks) a.dsinks[bh] = float(d_sink);

@@ -330,24 +330,56 @@ inline void pv_block(const float* p, int ldp, int ldj, const float* alpha, const
   }
 }
 
+// The transpose of 8 rows of 8 floats, in registers: pairs of rows
+// interleaved, then pairs of pairs, then the 128-bit halves swapped.
+inline void transpose8(vf8 (&r)[8]) {
+  vf8 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int k = 0; k < 2; ++k) {
+      u[i + 2 * k] = __builtin_shufflevector(t[i + k], t[i + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * k + 1] = __builtin_shufflevector(t[i + k], t[i + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = __builtin_shufflevector(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[c + 4] = __builtin_shufflevector(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
 // Rows [0, np) of an (n x d) matrix X (element strides rs, cs) converted
 // to float32 times mul, zero past n rows: transposed into xt (d x np), and
 // as rows into xr (np x ldr, zero past d columns); either may be null. How
-// the kernels convert an operand once per head.
+// the kernels convert an operand once per head. np is a multiple of 8:
+// 8 rows at a time are transposed in registers and written as one 8-float
+// run per column (row by row, every float written lands on another line).
 template <typename T>
 inline void convert_rows(const T* x, long n, int d, fa_index_t rs, fa_index_t cs, float mul,
                          int np, float* xt, float* xr, int ldr) {
-  float row[FA_MAX_HEAD_DIM];
-  for (int i = 0; i < np; ++i) {
-    if (i < n)
-      load_row(x + i * rs, cs, d, mul, row);
-    else
-      memset(row, 0, sizeof(float) * d);
-    if (xt)
-      for (int c = 0; c < d; ++c) xt[size_t(c) * np + i] = row[c];
-    if (xr) {
-      memcpy(xr + size_t(i) * ldr, row, sizeof(float) * d);
-      for (int c = d; c < ldr; ++c) xr[size_t(i) * ldr + c] = 0.0f;
+  const int d8 = (d + 7) / 8 * 8;
+  float rows[8][FA_MAX_HEAD_DIM];
+  for (int i0 = 0; i0 < np; i0 += 8) {
+    for (int t = 0; t < 8; ++t) {
+      const long i = i0 + t;
+      if (i < n)
+        load_row(x + i * rs, cs, d, mul, rows[t]);
+      else
+        memset(rows[t], 0, sizeof(float) * d);
+      for (int c = d; c < d8; ++c) rows[t][c] = 0.0f;
+      if (xr) {
+        memcpy(xr + size_t(i) * ldr, rows[t], sizeof(float) * d);
+        for (int c = d; c < ldr; ++c) xr[size_t(i) * ldr + c] = 0.0f;
+      }
+    }
+    if (!xt) continue;
+    for (int c0 = 0; c0 < d8; c0 += 8) {
+      vf8 r[8];
+      for (int t = 0; t < 8; ++t) memcpy(&r[t], rows[t] + c0, sizeof(vf8));
+      transpose8(r);
+      for (int c = c0; c < d && c < c0 + 8; ++c)
+        memcpy(xt + size_t(c) * np + i0, &r[c - c0], sizeof(vf8));
     }
   }
 }

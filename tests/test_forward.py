@@ -194,13 +194,17 @@ def test_long_keys_converted_in_waves(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_non_contiguous_inputs(rng, dtype):
-    """mlx-lm's (B, L, H, D) -> (B, H, L, D) transposes, slices, strided D."""
+@pytest.mark.parametrize("v_cols", ["strided", "sliced"])
+def test_non_contiguous_inputs(rng, dtype, v_cols):
+    """mlx-lm's (B, L, H, D) -> (B, H, L, D) transposes, slices, strided D.
+    The CPU kernel reads float32 V rows of unit column stride in place
+    (sliced), others it copies (strided)."""
     B, L, H, D = 2, 75, 4, 64
     q = rand(rng, (B, L, H, D), dtype).transpose(0, 2, 1, 3)
     kv = rand(rng, (B, 2 * L, 2, 2 * D), dtype)
     k = kv[:, ::2, :, :D].transpose(0, 2, 1, 3)  # strided L, sliced D
-    v = kv[:, 1::2, :, ::2].transpose(0, 2, 1, 3)  # D stride 2
+    v = kv[:, 1::2, :, ::2] if v_cols == "strided" else kv[:, 1::2, :, D:]
+    v = v.transpose(0, 2, 1, 3)
     mask = mx.array(rng.random((L, L)) < 0.8).T  # transposed mask
     for causal in (False, True):
         out = fa.attention(q, k, v, causal=causal, mask=mask)

@@ -282,7 +282,7 @@ struct Backward {
       }
 #endif
       for_row_blocks(nq, [&]<int R>(int i) {
-        pv_block<R>(dp + i * BK, BK, 1, nullptr, km, Dp, nk, dqa + i * Dp);
+        pv_block<R>(dp + i * BK, BK, 1, nullptr, km, Dp, Dp, nk, dqa + i * Dp);
       });
     }
 #if defined(__AMX_BF16__)
@@ -336,13 +336,13 @@ struct Backward {
         if (p.softcap > 0.0f) softcap_chain(nq, dp, cap);
         // dV += P^T dO and dK += dS^T Q, reading P and dS transposed.
         for_row_blocks(nk, [&]<int R>(int j) {
-          pv_block<R>(s + j, 1, BK, nullptr, dof, dvp, nq, dva + j * dvp);
-          pv_block<R>(dp + j, 1, BK, nullptr, qf, Dp, nq, dka + j * Dp);
+          pv_block<R>(s + j, 1, BK, nullptr, dof, dvp, dvp, nq, dva + j * dvp);
+          pv_block<R>(dp + j, 1, BK, nullptr, qf, Dp, Dp, nq, dka + j * Dp);
         });
         if (fz) {
           float* dqa = fz->dqa + (hh * fz->rows + (i0 - sq.qrows_begin)) * Dp;
           for_row_blocks(nq, [&]<int R>(int i) {
-            pv_block<R>(dp + i * BK, BK, 1, nullptr, km, Dp, nk, dqa + i * Dp);
+            pv_block<R>(dp + i * BK, BK, 1, nullptr, km, Dp, Dp, nk, dqa + i * Dp);
           });
         }
       }

@@ -41,7 +41,8 @@ constexpr int kFewRows = 8;
 // K^T and V of K/V heads [first, first + n) (index (batch, K/V head), see
 // TaskOrder) converted to float32 once, for the tasks that share them (see
 // run_all): K^T is D x lkp, V lkp x dvp, keys padded with zeros to a block
-// multiple plus one block (tasks start their blocks anywhere).
+// multiple plus one block (tasks start their blocks anywhere). v is null
+// where V is read in place (float32 rows, see run_all).
 struct FloatKV {
   const float* kt = nullptr;
   const float* v = nullptr;
@@ -145,13 +146,18 @@ struct Task {
       // Few rows (decoding): dot products with K's rows beat transposing
       // the block, which would be used by only those rows.
       const bool few_rows = nq < kFewRows && !kv.kt;
-      const float* ktb = kt;
-      int ldk = BK;
+      const float *ktb = kt, *vb = vf;
+      int ldk = BK, ldv = dvp;
       if (kv.kt) {
         const size_t slot = size_t(p.packed ? 0 : b) * p.Hk + hk - kv.first;
         ktb = kv.kt + slot * D * kv.lkp + j0;
         ldk = kv.lkp;
-        vf = const_cast<float*>(kv.v) + (slot * kv.lkp + j0) * dvp;
+        if (kv.v) {
+          vb = kv.v + (slot * kv.lkp + j0) * dvp;
+        } else {
+          vb = reinterpret_cast<const float*>(v + j0 * p.v_strides[2]);
+          ldv = int(p.v_strides[2]);
+        }
       } else {
         load_kv(k, v, j0, nk, few_rows ? nullptr : kt, vf, dvp);
       }
@@ -162,7 +168,7 @@ struct Task {
 
       probabilities(b, sq, h0, nqh, i0, nq, j0, nk, s, m, l, alpha);
       for_row_blocks(nq, [&]<int R>(int i) {
-        pv_block<R>(s + i * BK, BK, 1, alpha + i, vf, dvp, nk, o + i * dvp);
+        pv_block<R>(s + i * BK, BK, 1, alpha + i, vb, ldv, dvp, nk, o + i * dvp);
       });
     }
     if (split.n == 1) return finish_heads(b, h0, i0, nqh, o, m, l, dvp);
@@ -506,9 +512,10 @@ void convert_kv(const Task<T>& task, const FloatKV& kv, int64_t n) {
     convert_rows(static_cast<const T*>(x.t.a.k) + b * p.k_strides[0] + hk * p.k_strides[1], p.Lk,
                  p.D, p.k_strides[2], p.k_strides[3], 1.0f, lkp,
                  const_cast<float*>(x.kv.kt) + slot * size_t(lkp) * p.D, nullptr, 0);
-    convert_rows(static_cast<const T*>(x.t.a.v) + b * p.v_strides[0] + hk * p.v_strides[1], p.Lk,
-                 p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, lkp, nullptr,
-                 const_cast<float*>(x.kv.v) + slot * size_t(lkp) * dvp, dvp);
+    if (x.kv.v)
+      convert_rows(static_cast<const T*>(x.t.a.v) + b * p.v_strides[0] + hk * p.v_strides[1],
+                   p.Lk, p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, lkp, nullptr,
+                   const_cast<float*>(x.kv.v) + slot * size_t(lkp) * dvp, dvp);
   }, &ctx);
 }
 
@@ -531,11 +538,15 @@ void run_all(const ForwardArgs& a) {
   FloatKV& kv = task.kv;
   const int dvp = (p.Dv + 15) / 16 * 16;
   kv.lkp = (p.Lk + BK - 1) / BK * BK + BK;
-  const size_t head_floats = size_t(kv.lkp) * (p.D + dvp);
+  // float32 V with unit column stride and a width the GEMM covers exactly
+  // (no zero columns to add) is read in place, not copied.
+  const bool v_in_place = sizeof(T) == sizeof(float) && p.v_strides[3] == 1 && dvp == p.Dv &&
+                          p.v_strides[2] <= (1 << 24);
+  const size_t head_floats = size_t(kv.lkp) * (p.D + (v_in_place ? 0 : dvp));
   const int64_t wave = wave_heads(head_floats * sizeof(float), nkv);
   float* buf = alloc_aligned<float>(wave * head_floats);
   kv.kt = buf;
-  kv.v = buf + wave * size_t(kv.lkp) * p.D;
+  kv.v = v_in_place ? nullptr : buf + wave * size_t(kv.lkp) * p.D;
   for (kv.first = 0; kv.first < nkv; kv.first += wave) {
     const int64_t n = nkv - kv.first < wave ? nkv - kv.first : wave;
     convert_kv(task, kv, n);

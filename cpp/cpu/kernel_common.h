@@ -312,19 +312,20 @@ inline void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const 
     for (int c = 0; c < NC; ++c) store16(o + r * ldo + c * 16, acc[r][c]);
 }
 
-// pv_rows over all n columns of V and O (n a multiple of 16, the row stride
-// of both), in chunks of at most 16 * CHUNK columns to stay in registers.
+// pv_rows over all n columns of V (row stride ldv) and O (row stride n; n a
+// multiple of 16), in chunks of at most 16 * CHUNK columns to stay in
+// registers.
 template <int R>
-inline void pv_block(const float* p, int ldp, int ldj, const float* alpha, const float* v, int n,
-                     int nk, float* o) {
+inline void pv_block(const float* p, int ldp, int ldj, const float* alpha, const float* v,
+                     int ldv, int n, int nk, float* o) {
   int c = 0;
   for (; c + 16 * CHUNK <= n; c += 16 * CHUNK)
-    pv_rows<R, CHUNK>(p, ldp, ldj, alpha, v + c, n, nk, o + c, n);
+    pv_rows<R, CHUNK>(p, ldp, ldj, alpha, v + c, ldv, nk, o + c, n);
   if constexpr (CHUNK > 1) {
     switch ((n - c) / 16) {
-      case 3: pv_rows<R, 3>(p, ldp, ldj, alpha, v + c, n, nk, o + c, n); break;
-      case 2: pv_rows<R, 2>(p, ldp, ldj, alpha, v + c, n, nk, o + c, n); break;
-      case 1: pv_rows<R, 1>(p, ldp, ldj, alpha, v + c, n, nk, o + c, n); break;
+      case 3: pv_rows<R, 3>(p, ldp, ldj, alpha, v + c, ldv, nk, o + c, n); break;
+      case 2: pv_rows<R, 2>(p, ldp, ldj, alpha, v + c, ldv, nk, o + c, n); break;
+      case 1: pv_rows<R, 1>(p, ldp, ldj, alpha, v + c, ldv, nk, o + c, n); break;
       default: break;
     }
   }

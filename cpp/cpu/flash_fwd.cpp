@@ -322,13 +322,13 @@ struct Task {
         continue;
       }
       const vf16 mb = splat(m[i] * kLog2e);
-      const vf16 r0 = exp2v(load16(row) * l2e - mb), r1 = exp2v(load16(row + 16) * l2e - mb);
-      const vf16 r2 = exp2v(load16(row + 32) * l2e - mb), r3 = exp2v(load16(row + 48) * l2e - mb);
-      store16(row, r0);
-      store16(row + 16, r1);
-      store16(row + 32, r2);
-      store16(row + 48, r3);
-      store16(l + i * 16, load16(l + i * 16) * alpha[i] + ((r0 + r1) + (r2 + r3)));
+      vf16 sum = vf16{};
+      for (int c = 0; c < BK; c += 16) {
+        const vf16 e = exp2v(load16(row + c) * l2e - mb);
+        store16(row + c, e);
+        sum += e;
+      }
+      store16(l + i * 16, load16(l + i * 16) * alpha[i] + sum);
     }
   }
 

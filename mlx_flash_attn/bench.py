@@ -5,8 +5,9 @@ and PyTorch's scaled_dot_product_attention, in one run.
 
 Times are medians of repeated runs (at least --reps, more for short calls)
 after a warm-up of at least 0.3 s, with the spread (min-max) of the runs;
-a call over 20 s in warm-up is timed once. Speed-ups are ratios of
-medians. GFLOP/s counts 4*B*H*Lq*Lk*D (halved for causal) forward, 3.5x
+a call over 20 s in warm-up is timed once. Ours and PyTorch take turns,
+4 blocks of runs each, so a change in the machine's load mid-case falls
+on both. Speed-ups are ratios of medians. GFLOP/s counts 4*B*H*Lq*Lk*D (halved for causal) forward, 3.5x
 that for forward+backward (the backward's five GEMMs on top of the
 forward's two). The full mode ends with the peak extra memory of a
 32k-token causal call.
@@ -72,7 +73,17 @@ TIMED_S = 0.5
 MAX_REPS = 100
 
 
-def timeit(fn, reps, warmup=2, span=TIMED_S):
+# Peers timed in one case take turns in this many blocks of runs: the load
+# of a shared machine drifts over seconds (10-30% here), and timing one
+# peer's runs all before the other's put that drift into their ratio.
+TURNS = 4
+# Calls shorter than this (seconds) get one untimed call at the start of
+# each block: the other peer's worker threads may still be spinning.
+SHORT_CALL_S = 0.1
+
+
+def warm_up(fn, reps, warmup, span):
+    """Warms fn up; returns how many runs to time and the time per call."""
     start = time.perf_counter()
     n = 0
     while n < warmup or time.perf_counter() - start < WARMUP_S:
@@ -80,18 +91,30 @@ def timeit(fn, reps, warmup=2, span=TIMED_S):
         fn()
         n += 1
         if time.perf_counter() - t > SLOW_CALL_S:
-            reps = 1
-            break
+            return 1, time.perf_counter() - t
     per_call = (time.perf_counter() - start) / n
     if reps > 1:
         reps = max(reps, min(MAX_REPS, int(span / per_call)))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    ts = np.array(ts) * 1e3
-    return float(np.median(ts)), float(ts.min()), float(ts.max())
+    return reps, per_call
+
+
+def timeit(fns, reps, warmup=2, span=TIMED_S):
+    """Times each of fns (name -> function) `reps` times or more (see
+    warm_up), in TURNS blocks taken in turn; name -> (median, min, max) ms."""
+    plan = {name: warm_up(fn, reps, warmup, span) for name, fn in fns.items()}
+    turns = min([TURNS] + [n for n, _ in plan.values()])
+    ts = {name: [] for name in fns}
+    for turn in range(turns):
+        for name, fn in fns.items():
+            n, per_call = plan[name]
+            if per_call < SHORT_CALL_S:
+                fn()
+            for _ in range(n * (turn + 1) // turns - n * turn // turns):
+                t = time.perf_counter()
+                fn()
+                ts[name].append(time.perf_counter() - t)
+    return {name: (float(np.median(x) * 1e3), float(np.min(x) * 1e3), float(np.max(x) * 1e3))
+            for name, x in ts.items()}
 
 
 def flops(B, H, Lq, Lk, D, causal, backward=False):
@@ -114,7 +137,7 @@ def gemm_ceiling(dtype, max_n=2048):
     while True:
         a = torch.randn(n, n).to(dtype)
         b = torch.randn(n, n).to(dtype)
-        _, best, _ = timeit(lambda: a @ b, reps=10 if n == max_n else 3, warmup=1)
+        _, best, _ = timeit({"mm": lambda: a @ b}, reps=10 if n == max_n else 3, warmup=1)["mm"]
         if n >= max_n or best > 200:
             return 2 * n**3 / best / 1e6
         n *= 2
@@ -149,9 +172,7 @@ def run_case(cfg, dtype, causal, backward, reps, with_mlx):
     f = flops(B, H, Lq, Lk, D, causal, backward)
     if f > 2e11:  # seconds per call: fewer repetitions
         reps = min(reps, 3)
-    results = {"ours": timeit(timed(ours_fn), reps, warmup=1 if f > 2e11 else 2)}
-    if with_mlx and f <= MLX_MAX_FLOP:
-        results["mlx"] = timeit(timed(mlx_sdpa), 2, warmup=1, span=0)  # 30-100x slower
+    fns = {"ours": timed(ours_fn)}
     if torch is not None:
         tdt = getattr(torch, dtype)
         tq, tk, tv, tdo = (torch.from_numpy(a).to(tdt) for a in arrs)
@@ -165,7 +186,10 @@ def run_case(cfg, dtype, causal, backward, reps, with_mlx):
             xs = [t.detach().requires_grad_(True) for t in (tq, tk, tv)]
             F.scaled_dot_product_attention(*xs, **opts).backward(tdo)
 
-        results["torch"] = timeit(pt_bwd if backward else pt, reps, warmup=1 if f > 2e11 else 2)
+        fns["torch"] = pt_bwd if backward else pt
+    results = timeit(fns, reps, warmup=1 if f > 2e11 else 2)
+    if with_mlx and f <= MLX_MAX_FLOP:  # 30-100x slower: 2 runs, on its own
+        results.update(timeit({"mlx": timed(mlx_sdpa)}, 2, warmup=1, span=0))
     return f, results
 
 
@@ -203,7 +227,7 @@ def main(argv=None):
     print("GEMM ceiling (PyTorch matmul, best run, n^3 up to 2048^3): " +
           ", ".join(f"{dt} {c:.0f} GFLOP/s" for dt, c in ceilings.items()))
     print(f"times: median ms (max-min spread) over {reps} runs, or as many as span "
-          f"{TIMED_S} s (up to {MAX_REPS}); MLX over 2")
+          f"{TIMED_S} s (up to {MAX_REPS}), ours and torch in {TURNS} turns; MLX over 2")
     head = (f"{'config':10s} {'pass':7s} {'dtype':8s} {'causal':6s} {'ours ms':>17s} {'mlx ms':>17s} "
             f"{'torch ms':>17s} {'vs mlx':>7s} {'vs torch':>8s} {'GFLOP/s':>8s} {'of ceil':>7s}")
     print(head)

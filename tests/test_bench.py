@@ -1,0 +1,31 @@
+"""The benchmark's timing (mlx_flash_attn/bench.py): the peers of a case
+take turns in blocks of runs, each block after an untimed call."""
+
+from mlx_flash_attn import bench
+
+
+def test_peers_take_turns(monkeypatch):
+    monkeypatch.setattr(bench, "WARMUP_S", 0.0)
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("ours", "torch")}
+    times = bench.timeit(fns, reps=8, warmup=2, span=0)
+    assert set(times) == {"ours", "torch"}
+    runs = calls[4:]  # after two warm-up calls each
+    blocks = []
+    for name in runs:
+        if not blocks or blocks[-1][0] != name:
+            blocks.append([name, 0])
+        blocks[-1][1] += 1
+    # TURNS blocks each, alternating; 8 timed runs + 1 untimed call per block.
+    assert [b[0] for b in blocks] == ["ours", "torch"] * bench.TURNS
+    assert sum(b[1] for b in blocks if b[0] == "ours") == 8 + bench.TURNS
+    assert all(med >= 0 and lo <= med <= hi for med, lo, hi in times.values())
+
+
+def test_a_slow_peer_is_timed_once(monkeypatch):
+    monkeypatch.setattr(bench, "SLOW_CALL_S", 0.0)  # every call counts as slow,
+    monkeypatch.setattr(bench, "SHORT_CALL_S", 0.0)  # and none as short
+    calls = []
+    times = bench.timeit({"slow": lambda: calls.append(1)}, reps=5, warmup=2, span=10)
+    assert len(calls) == 2  # one warm-up call, one timed
+    assert times["slow"][1] == times["slow"][2]

@@ -267,14 +267,19 @@ inline void load_row(const T* src, fa_index_t stride, int n, float mul, float* d
 }
 
 // ---------------------------------------------------------------------------
-// Block GEMMs.
+// Block GEMMs. pv_rows is always inlined: each call site's constant strides
+// and null alpha then specialise its loop (GCC once kept it out of line in
+// the backward, every stride a runtime multiply: 10% slower). qk_rows never
+// is: its 6 row offsets need their own registers (inlined into the
+// backward's scores, GCC spilled them and the K pointer inside the loop).
 // ---------------------------------------------------------------------------
+#define FA_GEMM inline __attribute__((always_inline))
 
 // S[r][0:BK] = sum_d Q[r][d] * Kt[d][0:BK] for R rows; Kt has row stride
 // ldk. Key chunks of 16 * CHUNK, each a pass over d with R x CHUNK
 // accumulators.
 template <int R>
-inline void qk_rows(const float* q, int ldq, const float* kt, int ldk, int D, float* s) {
+__attribute__((noinline)) void qk_rows(const float* q, int ldq, const float* kt, int ldk, int D, float* s) {
   for (int c0 = 0; c0 < BK; c0 += 16 * CHUNK) {
     vf16 acc[R][CHUNK];
     for (int r = 0; r < R; ++r)
@@ -297,7 +302,7 @@ inline void qk_rows(const float* q, int ldq, const float* kt, int ldk, int D, fl
 // (alpha = 1 when null). P[r][j] is at p[r * ldp + j * ldj]: ldj = 1 for P,
 // or ldp = 1 to multiply by the transpose of a row-major block.
 template <int R, int NC>
-inline void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const float* v,
+FA_GEMM void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const float* v,
                     int ldv, int nk, float* o, int ldo) {
   vf16 acc[R][NC];
   for (int r = 0; r < R; ++r)
@@ -319,7 +324,7 @@ inline void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const 
 // multiple of 16), in chunks of at most 16 * CHUNK columns to stay in
 // registers.
 template <int R>
-inline void pv_block(const float* p, int ldp, int ldj, const float* alpha, const float* v,
+FA_GEMM void pv_block(const float* p, int ldp, int ldj, const float* alpha, const float* v,
                      int ldv, int n, int nk, float* o) {
   int c = 0;
   for (; c + 16 * CHUNK <= n; c += 16 * CHUNK)

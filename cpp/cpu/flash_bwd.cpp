@@ -531,18 +531,18 @@ void convert_backward(const BackwardArgs& a, const FloatPacks& fp, int64_t n) {
       const int b = int(kv / p.Hk), hk = int(kv % p.Hk);
       convert_rows(static_cast<const T*>(a.fwd.k) + b * p.k_strides[0] + hk * p.k_strides[1], p.Lk,
                    p.D, p.k_strides[2], p.k_strides[3], 1.0f, fp.lkp,
-                   fp.kt + i * size_t(fp.lkp) * p.D, fp.km + i * size_t(fp.lkp) * Dp, Dp);
+                   fp.kt + i * size_t(fp.lkp) * p.D, fp.lkp, fp.km + i * size_t(fp.lkp) * Dp, Dp);
       convert_rows(static_cast<const T*>(a.fwd.v) + b * p.v_strides[0] + hk * p.v_strides[1], p.Lk,
                    p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, fp.lkp,
-                   fp.vt + i * size_t(fp.lkp) * p.Dv, nullptr, 0);
+                   fp.vt + i * size_t(fp.lkp) * p.Dv, fp.lkp, nullptr, 0);
     } else {
       const int64_t j = i - n, qh = fp.kv_first * p.gqa_ratio + j;
       const int b = int(qh / p.Hq), h = int(qh % p.Hq);
       convert_rows(static_cast<const T*>(a.fwd.q) + b * p.q_strides[0] + h * p.q_strides[1], p.Lq,
-                   p.D, p.q_strides[2], p.q_strides[3], p.scale, fp.lqp, nullptr,
+                   p.D, p.q_strides[2], p.q_strides[3], p.scale, fp.lqp, nullptr, 0,
                    fp.qf + j * size_t(fp.lqp) * Dp, Dp);
       convert_rows(static_cast<const T*>(a.dout) + b * p.do_strides[0] + h * p.do_strides[1], p.Lq,
-                   p.Dv, p.do_strides[2], p.do_strides[3], 1.0f, fp.lqp, nullptr,
+                   p.Dv, p.do_strides[2], p.do_strides[3], 1.0f, fp.lqp, nullptr, 0,
                    fp.dof + j * size_t(fp.lqp) * dvp, dvp);
     }
   });

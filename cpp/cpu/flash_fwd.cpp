@@ -40,8 +40,9 @@ constexpr int kFewRows = 8;
 
 // K^T and V of K/V heads [first, first + n) (index (batch, K/V head), see
 // TaskOrder) converted to float32 once, for the tasks that share them (see
-// run_all): K^T is D x lkp, V lkp x dvp, keys padded with zeros to a block
-// multiple plus one block (tasks start their blocks anywhere). v is null
+// run_all): K^T as one D x BK block per BK keys (contiguous, where rows of
+// a D x lkp matrix lie on as many pages as D at long lengths), V lkp x dvp,
+// keys padded with zeros to a block multiple plus one block. v is null
 // where V is read in place (float32 rows, see run_all).
 struct FloatKV {
   const float* kt = nullptr;
@@ -110,6 +111,9 @@ struct Task {
     // Keys any row of this block can see; rows narrow it further below.
     long kbeg, kend;
     visible_keys(p, sq, i0, i0 + nqh, &kbeg, &kend);
+    // Converted K^T is read by whole blocks: start at one, the per-row
+    // masks hide the keys before kbeg.
+    if (kv.kt) kbeg = kbeg / BK * BK;
     if (split.n > 1) { // this chunk of whole blocks
       const long per = ((kend - kbeg + split.n - 1) / split.n + BK - 1) / BK * BK;
       kbeg = kbeg + chunk * per < kend ? kbeg + chunk * per : kend;
@@ -147,11 +151,10 @@ struct Task {
       // the block, which would be used by only those rows.
       const bool few_rows = nq < kFewRows && !kv.kt;
       const float *ktb = kt, *vb = vf;
-      int ldk = BK, ldv = dvp;
+      int ldv = dvp;
       if (kv.kt) {
         const size_t slot = size_t(p.packed ? 0 : b) * p.Hk + hk - kv.first;
-        ktb = kv.kt + slot * D * kv.lkp + j0;
-        ldk = kv.lkp;
+        ktb = kv.kt + (slot * kv.lkp + j0) * D;
         if (kv.v) {
           vb = kv.v + (slot * kv.lkp + j0) * dvp;
         } else {
@@ -164,7 +167,7 @@ struct Task {
       if (few_rows)
         qk_direct(qf, nq, k, j0, nk, s);
       else
-        for_row_blocks(nq, [&]<int R>(int i) { qk_rows<R>(qf + i * D, D, ktb, ldk, D, s + i * BK); });
+        for_row_blocks(nq, [&]<int R>(int i) { qk_rows<R>(qf + i * D, D, ktb, BK, D, s + i * BK); });
 
       probabilities(b, sq, h0, nqh, i0, nq, j0, nk, s, m, l, alpha);
       for_row_blocks(nq, [&]<int R>(int i) {
@@ -511,10 +514,10 @@ void convert_kv(const Task<T>& task, const FloatKV& kv, int64_t n) {
     const int dvp = (p.Dv + 15) / 16 * 16;
     convert_rows(static_cast<const T*>(x.t.a.k) + b * p.k_strides[0] + hk * p.k_strides[1], p.Lk,
                  p.D, p.k_strides[2], p.k_strides[3], 1.0f, lkp,
-                 const_cast<float*>(x.kv.kt) + slot * size_t(lkp) * p.D, nullptr, 0);
+                 const_cast<float*>(x.kv.kt) + slot * size_t(lkp) * p.D, BK, nullptr, 0);
     if (x.kv.v)
       convert_rows(static_cast<const T*>(x.t.a.v) + b * p.v_strides[0] + hk * p.v_strides[1],
-                   p.Lk, p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, lkp, nullptr,
+                   p.Lk, p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, lkp, nullptr, 0,
                    const_cast<float*>(x.kv.v) + slot * size_t(lkp) * dvp, dvp);
   }, &ctx);
 }

@@ -359,14 +359,17 @@ inline void transpose8(vf8 (&r)[8]) {
 }
 
 // Rows [0, np) of an (n x d) matrix X (element strides rs, cs) converted
-// to float32 times mul, zero past n rows: transposed into xt (d x np), and
-// as rows into xr (np x ldr, zero past d columns); either may be null. How
-// the kernels convert an operand once per head. np is a multiple of 8:
-// 8 rows at a time are transposed in registers and written as one 8-float
-// run per column (row by row, every float written lands on another line).
+// to float32 times mul, zero past n rows: transposed into xt, and as rows
+// into xr (np x ldr, zero past d columns); either may be null. How the
+// kernels convert an operand once per head. xt holds the transpose in
+// panels of xw rows of X, each a d x xw block: X[i][c] is at xt[(i / xw) *
+// xw * d + c * xw + i % xw] (xw = np: one d x np matrix). np is a multiple
+// of xw and xw of 8: 8 rows at a time are transposed in registers and
+// written as one 8-float run per column (row by row, every float written
+// lands on another line).
 template <typename T>
 inline void convert_rows(const T* x, long n, int d, fa_index_t rs, fa_index_t cs, float mul,
-                         int np, float* xt, float* xr, int ldr) {
+                         int np, float* xt, int xw, float* xr, int ldr) {
   const int d8 = (d + 7) / 8 * 8;
   float rows[8][FA_MAX_HEAD_DIM];
   for (int i0 = 0; i0 < np; i0 += 8) {
@@ -383,12 +386,13 @@ inline void convert_rows(const T* x, long n, int d, fa_index_t rs, fa_index_t cs
       }
     }
     if (!xt) continue;
+    float* panel = xt + size_t(i0 / xw) * xw * d + i0 % xw;
     for (int c0 = 0; c0 < d8; c0 += 8) {
       vf8 r[8];
       for (int t = 0; t < 8; ++t) memcpy(&r[t], rows[t] + c0, sizeof(vf8));
       transpose8(r);
       for (int c = c0; c < d && c < c0 + 8; ++c)
-        memcpy(xt + size_t(c) * np + i0, &r[c - c0], sizeof(vf8));
+        memcpy(panel + size_t(c) * xw, &r[c - c0], sizeof(vf8));
     }
   }
 }

@@ -82,6 +82,15 @@ def test_window(rng, dtype, window):
     grad_check(rng, dtype, Lq=150, Lk=170, window_size=window)
 
 
+# One (batch, K/V head) takes the CPU backward's two-pass path (dQ tasks
+# apart from dK/dV tasks), whose dQ tasks start at the block holding their
+# first visible key: windows put that key mid-block.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window", [(8, 0), (5, 3), (16, -1)])
+def test_window_two_pass(rng, dtype, window):
+    grad_check(rng, dtype, B=1, Hq=2, Hk=1, Lq=150, Lk=170, window_size=window)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("Hq,Hk", [(8, 2), (8, 1), (6, 3)])
 def test_gqa(rng, dtype, Hq, Hk):

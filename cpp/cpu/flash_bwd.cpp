@@ -29,11 +29,13 @@ inline int pad16(int n) {
 
 // Operands converted to float32 once (the FMA kernels), for K/V heads
 // [kv_first, kv_first + wave) and their query heads (see run_backward): per
-// K/V head K^T (D x lkp), V^T (Dv x lkp) and K rows (lkp x Dp); per query
-// head Q times scale (lqp x Dp) and dO (lqp x dvp). Rows padded with zeros
-// to a block multiple plus one block (tasks start their blocks anywhere).
+// K/V head K^T and V^T in panels of kw keys (convert_rows) and K rows (lkp
+// x Dp); per query head Q times scale (lqp x Dp) and dO (lqp x dvp). Rows
+// padded with zeros to a block multiple plus one block. kw = BK (one
+// contiguous block per BK keys; a D x lkp matrix's rows lie on D pages at
+// long lengths) unless packed sequences start key blocks anywhere (kw = lkp).
 struct FloatPacks {
-  int lkp, lqp;
+  int lkp, lqp, kw;
   int64_t kv_first, wave;
   float *kt, *vt, *km, *qf, *dof;
 };
@@ -92,12 +94,13 @@ struct Backward {
       del[i] = delta[row_index(b, h, i0 + i)];
     }
   }
-  // K^T, V^T (row stride fp->lkp) and K rows from key j0 of K/V head hk.
+  // K^T, V^T (row stride fp->kw) and K rows from key j0 of K/V head hk.
   void key_cols(int b, int hk, long j0, const float*& kt, const float*& vt,
                 const float*& km) const {
     const size_t kv = size_t(p.packed ? 0 : b) * p.Hk + hk - fp->kv_first;
-    kt = fp->kt + kv * p.D * fp->lkp + j0;
-    vt = fp->vt + kv * p.Dv * fp->lkp + j0;
+    const size_t panel = size_t(j0 / fp->kw) * fp->kw, col = size_t(j0 % fp->kw);
+    kt = fp->kt + (kv * fp->lkp + panel) * p.D + col;
+    vt = fp->vt + (kv * fp->lkp + panel) * p.Dv + col;
     km = fp->km + (kv * fp->lkp + j0) * pad16(p.D);
   }
 
@@ -256,6 +259,8 @@ struct Backward {
     // per-row masks hide the keys outside [kbeg, kend).
     if (amx) kbeg = kbeg / BK * BK;
 #endif
+    // K^T in BK-key panels is read by whole blocks too.
+    if (fp && fp->kw == BK) kbeg = kbeg / BK * BK;
     for (long j0 = kbeg; j0 < kend; j0 += BK) {
       int nk = kend - j0 < BK ? int(kend - j0) : BK;
 #if defined(__AMX_BF16__)
@@ -267,7 +272,7 @@ struct Backward {
 #endif
       {
         key_cols(b, hk, j0, kt, vt, km);
-        scores(sq, b, h, i0, nq, j0, nk, slope, qf, dof, kt, vt, fp->lkp, lse, del, s, dp, cap);
+        scores(sq, b, h, i0, nq, j0, nk, slope, qf, dof, kt, vt, fp->kw, lse, del, s, dp, cap);
       }
       score_grads(sq, b, h, i0, nq, j0, nk, dp, &dslope);
       if (p.softcap > 0.0f) softcap_chain(nq, dp, cap);
@@ -330,7 +335,7 @@ struct Backward {
       for (long i0 = qbeg; i0 < qend; i0 += BQ) {
         const int nq = qend - i0 < BQ ? int(qend - i0) : BQ;
         query_rows(b, h, i0, nq, qf, dof, lse, del);
-        scores(sq, b, h, i0, nq, j0, nk, slope, qf, dof, kt, vt, fp->lkp, lse, del, s, dp, cap);
+        scores(sq, b, h, i0, nq, j0, nk, slope, qf, dof, kt, vt, fp->kw, lse, del, s, dp, cap);
         const int hh = h - hk * p.gqa_ratio;
         if (fz) score_grads(sq, b, h, i0, nq, j0, nk, dp, fz->dslope + hh);
         if (p.softcap > 0.0f) softcap_chain(nq, dp, cap);
@@ -531,10 +536,10 @@ void convert_backward(const BackwardArgs& a, const FloatPacks& fp, int64_t n) {
       const int b = int(kv / p.Hk), hk = int(kv % p.Hk);
       convert_rows(static_cast<const T*>(a.fwd.k) + b * p.k_strides[0] + hk * p.k_strides[1], p.Lk,
                    p.D, p.k_strides[2], p.k_strides[3], 1.0f, fp.lkp,
-                   fp.kt + i * size_t(fp.lkp) * p.D, fp.lkp, fp.km + i * size_t(fp.lkp) * Dp, Dp);
+                   fp.kt + i * size_t(fp.lkp) * p.D, fp.kw, fp.km + i * size_t(fp.lkp) * Dp, Dp);
       convert_rows(static_cast<const T*>(a.fwd.v) + b * p.v_strides[0] + hk * p.v_strides[1], p.Lk,
                    p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, fp.lkp,
-                   fp.vt + i * size_t(fp.lkp) * p.Dv, fp.lkp, nullptr, 0);
+                   fp.vt + i * size_t(fp.lkp) * p.Dv, fp.kw, nullptr, 0);
     } else {
       const int64_t j = i - n, qh = fp.kv_first * p.gqa_ratio + j;
       const int b = int(qh / p.Hq), h = int(qh % p.Hq);
@@ -553,6 +558,7 @@ void convert_backward(const BackwardArgs& a, const FloatPacks& fp, int64_t n) {
 float* alloc_float_packs(const FlashParams& p, int64_t nkv, FloatPacks& fp) {
   const int Dp = pad16(p.D), dvp = pad16(p.Dv);
   fp.lkp = (p.Lk + BK - 1) / BK * BK + BK;
+  fp.kw = p.packed ? fp.lkp : BK;
   fp.lqp = (p.Lq + BQ - 1) / BQ * BQ + BQ;
   const size_t key_floats = size_t(fp.lkp) * (p.D + p.Dv + Dp);
   const size_t query_floats = size_t(fp.lqp) * (Dp + dvp) * p.gqa_ratio;

@@ -76,7 +76,8 @@ int main(int argc, char** argv) {
   p.D = p.Dv = D;
   p.gqa_ratio = 1;
   const fa_index_t st[4] = {fa_index_t(H) * L * D, fa_index_t(L) * D, D, 1};
-  for (fa_index_t* s : {p.q_strides, p.k_strides, p.v_strides, p.do_strides}) memcpy(s, st, sizeof st);
+  for (fa_index_t* s : {p.q_strides, p.k_strides, p.v_strides, p.do_strides})
+    memcpy(s, st, sizeof st);
   const fa_index_t ls[3] = {fa_index_t(H) * L, L, 1};
   memcpy(p.dlse_strides, ls, sizeof ls);
   p.scale = 1.0f / sqrtf(float(D));
@@ -121,7 +122,9 @@ int main(int argc, char** argv) {
       if (i > 0) t[x].push_back(now() - t0); // the first call of each warms up
     }
   double diff = 0.0;
-  for (auto* pair : bwd ? std::vector<std::vector<char>*>{dq, dk, dv} : std::vector<std::vector<char>*>{out})
+  const std::vector<std::vector<char>*> outputs =
+      bwd ? std::vector<std::vector<char>*>{dq, dk, dv} : std::vector<std::vector<char>*>{out};
+  for (auto* pair : outputs)
     for (size_t i = 0; i < n; ++i)
       diff = std::max(diff, double(fabsf(value(pair[0], i, dt) - value(pair[1], i, dt))));
   const double flop = 4.0 * B * H * double(L) * L * D / (causal ? 2 : 1) * (bwd ? 2.5 : 1);

@@ -167,7 +167,8 @@ struct Task {
       if (few_rows)
         qk_direct(qf, nq, k, j0, nk, s);
       else
-        for_row_blocks(nq, [&]<int R>(int i) { qk_rows<R>(qf + i * D, D, ktb, BK, D, s + i * BK); });
+        for_row_blocks(nq,
+                       [&]<int R>(int i) { qk_rows<R>(qf + i * D, D, ktb, BK, D, s + i * BK); });
 
       probabilities(b, sq, h0, nqh, i0, nq, j0, nk, s, m, l, alpha);
       for_row_blocks(nq, [&]<int R>(int i) {

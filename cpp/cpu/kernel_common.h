@@ -279,7 +279,8 @@ inline void load_row(const T* src, fa_index_t stride, int n, float mul, float* d
 // ldk. Key chunks of 16 * CHUNK, each a pass over d with R x CHUNK
 // accumulators.
 template <int R>
-__attribute__((noinline)) void qk_rows(const float* q, int ldq, const float* kt, int ldk, int D, float* s) {
+__attribute__((noinline)) void qk_rows(const float* q, int ldq, const float* kt, int ldk, int D,
+                                       float* s) {
   for (int c0 = 0; c0 < BK; c0 += 16 * CHUNK) {
     vf16 acc[R][CHUNK];
     for (int r = 0; r < R; ++r)
@@ -303,7 +304,7 @@ __attribute__((noinline)) void qk_rows(const float* q, int ldq, const float* kt,
 // or ldp = 1 to multiply by the transpose of a row-major block.
 template <int R, int NC>
 FA_GEMM void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const float* v,
-                    int ldv, int nk, float* o, int ldo) {
+                     int ldv, int nk, float* o, int ldo) {
   vf16 acc[R][NC];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NC; ++c)
@@ -325,7 +326,7 @@ FA_GEMM void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const
 // registers.
 template <int R>
 FA_GEMM void pv_block(const float* p, int ldp, int ldj, const float* alpha, const float* v,
-                     int ldv, int n, int nk, float* o) {
+                      int ldv, int n, int nk, float* o) {
   int c = 0;
   for (; c + 16 * CHUNK <= n; c += 16 * CHUNK)
     pv_rows<R, CHUNK>(p, ldp, ldj, alpha, v + c, ldv, nk, o + c, n);
@@ -350,7 +351,8 @@ inline void transpose8(vf8 (&r)[8]) {
   for (int i = 0; i < 8; i += 4)
     for (int k = 0; k < 2; ++k) {
       u[i + 2 * k] = __builtin_shufflevector(t[i + k], t[i + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-      u[i + 2 * k + 1] = __builtin_shufflevector(t[i + k], t[i + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+      u[i + 2 * k + 1] =
+          __builtin_shufflevector(t[i + k], t[i + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
     }
   for (int c = 0; c < 4; ++c) {
     r[c] = __builtin_shufflevector(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);

@@ -104,8 +104,10 @@ constexpr float kLog2e = 1.4426950408889634f;
 // 2^x for a vector, accurate to ~1 ulp of float32 over the range softmax
 // needs; exactly 0 for -inf (masked scores). Polynomial instead of libm so
 // it vectorises on every instruction set.
-// 2^f on [-.5, .5]: degree 6, coefficients fitted for relative error (2e-9
-// before float32 rounding; the float32 result is within 1.0e-7).
+// 2^f on [-.5, .5]: degree 6, constant term 1, the other coefficients a
+// least-squares fit of the relative error on 4000 Chebyshev points,
+// reweighted by the error (Lawson) towards minimax: 2e-9 before float32
+// rounding, the float32 result within 1.0e-7.
 template <typename V>
 inline V exp2_poly(V f) {
   V r = V{} + 1.5353358e-4f;

@@ -98,9 +98,8 @@ struct Backward {
   void key_cols(int b, int hk, long j0, const float*& kt, const float*& vt,
                 const float*& km) const {
     const size_t kv = size_t(p.packed ? 0 : b) * p.Hk + hk - fp->kv_first;
-    const size_t panel = size_t(j0 / fp->kw) * fp->kw, col = size_t(j0 % fp->kw);
-    kt = fp->kt + (kv * fp->lkp + panel) * p.D + col;
-    vt = fp->vt + (kv * fp->lkp + panel) * p.Dv + col;
+    kt = transposed_at(fp->kt + kv * fp->lkp * p.D, j0, fp->kw, p.D);
+    vt = transposed_at(fp->vt + kv * fp->lkp * p.Dv, j0, fp->kw, p.Dv);
     km = fp->km + (kv * fp->lkp + j0) * pad16(p.D);
   }
 
@@ -255,12 +254,11 @@ struct Backward {
     visible_keys(p, sq, i0, i0 + nq, &kbeg, &kend);
 #if defined(__AMX_BF16__)
     const AmxBlock ab = amx ? amx_block(b, h, hk, nq, ds) : AmxBlock{};
-    // AMX reads K in pairs of rows: blocks start at multiples of BK, the
-    // per-row masks hide the keys outside [kbeg, kend).
-    if (amx) kbeg = kbeg / BK * BK;
 #endif
-    // K^T in BK-key panels is read by whole blocks too.
-    if (fp && fp->kw == BK) kbeg = kbeg / BK * BK;
+    // AMX tiles and K^T in BK-key panels are read by whole blocks: blocks
+    // start at multiples of BK, the per-row masks hide the keys outside
+    // [kbeg, kend).
+    if (amx || fp->kw == BK) kbeg = kbeg / BK * BK;
     for (long j0 = kbeg; j0 < kend; j0 += BK) {
       int nk = kend - j0 < BK ? int(kend - j0) : BK;
 #if defined(__AMX_BF16__)

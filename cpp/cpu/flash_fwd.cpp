@@ -40,10 +40,11 @@ constexpr int kFewRows = 8;
 
 // K^T and V of K/V heads [first, first + n) (index (batch, K/V head), see
 // TaskOrder) converted to float32 once, for the tasks that share them (see
-// run_all): K^T as one D x BK block per BK keys (contiguous, where rows of
-// a D x lkp matrix lie on as many pages as D at long lengths), V lkp x dvp,
-// keys padded with zeros to a block multiple plus one block. v is null
-// where V is read in place (float32 rows, see run_all).
+// run_all): K^T as one D x BK block per BK keys (transposed_at; rows of a
+// D x lkp matrix would lie on as many pages as D at long lengths), V lkp x
+// dvp, keys padded with zeros to a block multiple (tasks read whole blocks
+// from a block boundary). v is null where V is read in place (float32
+// rows, see run_all).
 struct FloatKV {
   const float* kt = nullptr;
   const float* v = nullptr;
@@ -154,7 +155,7 @@ struct Task {
       int ldv = dvp;
       if (kv.kt) {
         const size_t slot = size_t(p.packed ? 0 : b) * p.Hk + hk - kv.first;
-        ktb = kv.kt + (slot * kv.lkp + j0) * D;
+        ktb = transposed_at(kv.kt + slot * kv.lkp * D, j0, BK, D);
         if (kv.v) {
           vb = kv.v + (slot * kv.lkp + j0) * dvp;
         } else {
@@ -310,8 +311,9 @@ struct Task {
   void softmax_update(int nq, float* s, float* m, float* l, float* alpha) const {
     for (int i = 0; i < nq; ++i) {
       const float* row = s + i * BK;
-      const float mx = hmax(vmax(vmax(load16(row), load16(row + 16)),
-                                 vmax(load16(row + 32), load16(row + 48))));
+      vf16 mv = load16(row);
+      for (int c = 16; c < BK; c += 16) mv = vmax(mv, load16(row + c));
+      const float mx = hmax(mv);
       const float m_new = mx > m[i] ? mx : m[i];
       alpha[i] = m_new == -INFINITY ? 0.0f : (m[i] - m_new) * kLog2e; // exp2: 1 or 0 from -inf
       m[i] = m_new;
@@ -541,7 +543,7 @@ void run_all(const ForwardArgs& a) {
 #endif
   FloatKV& kv = task.kv;
   const int dvp = (p.Dv + 15) / 16 * 16;
-  kv.lkp = (p.Lk + BK - 1) / BK * BK + BK;
+  kv.lkp = (p.Lk + BK - 1) / BK * BK;
   // float32 V with unit column stride and a width the GEMM covers exactly
   // (no zero columns to add) is read in place, not copied.
   const bool v_in_place = sizeof(T) == sizeof(float) && p.v_strides[3] == 1 && dvp == p.Dv &&

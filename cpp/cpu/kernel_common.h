@@ -362,15 +362,20 @@ inline void transpose8(vf8 (&r)[8]) {
   }
 }
 
+// The transpose of an (n x d) matrix X in panels of xw rows of X, each a
+// d x xw block (xw = all rows: one plain d x n matrix): where X[i][0] is;
+// X[i][c] is xw floats further per column c.
+inline const float* transposed_at(const float* xt, long i, int xw, int d) {
+  return xt + size_t(i / xw) * xw * d + i % xw;
+}
+
 // Rows [0, np) of an (n x d) matrix X (element strides rs, cs) converted
-// to float32 times mul, zero past n rows: transposed into xt, and as rows
-// into xr (np x ldr, zero past d columns); either may be null. How the
-// kernels convert an operand once per head. xt holds the transpose in
-// panels of xw rows of X, each a d x xw block: X[i][c] is at xt[(i / xw) *
-// xw * d + c * xw + i % xw] (xw = np: one d x np matrix). np is a multiple
-// of xw and xw of 8: 8 rows at a time are transposed in registers and
-// written as one 8-float run per column (row by row, every float written
-// lands on another line).
+// to float32 times mul, zero past n rows: transposed into xt in panels of
+// xw rows (transposed_at), and as rows into xr (np x ldr, zero past d
+// columns); either may be null. How the kernels convert an operand once
+// per head. np is a multiple of xw and xw of 8: 8 rows at a time are
+// transposed in registers and written as one 8-float run per column (row
+// by row, every float written lands on another line).
 template <typename T>
 inline void convert_rows(const T* x, long n, int d, fa_index_t rs, fa_index_t cs, float mul,
                          int np, float* xt, int xw, float* xr, int ldr) {
@@ -390,7 +395,7 @@ inline void convert_rows(const T* x, long n, int d, fa_index_t rs, fa_index_t cs
       }
     }
     if (!xt) continue;
-    float* panel = xt + size_t(i0 / xw) * xw * d + i0 % xw;
+    float* panel = const_cast<float*>(transposed_at(xt, i0, xw, d));
     for (int c0 = 0; c0 < d8; c0 += 8) {
       vf8 r[8];
       for (int t = 0; t < 8; ++t) memcpy(&r[t], rows[t] + c0, sizeof(vf8));

@@ -163,6 +163,19 @@ def test_long_sequence_many_blocks(rng, dtype):
     run_and_check(rng, dtype, B=1, Hq=2, Hk=1, Lq=700, Lk=1000, D=128, causal=True)
 
 
+# The CPU kernel gives a task up to 4 blocks of 64 query rows, which share
+# each K/V block, and fewer where there would be less than 4 tasks per
+# thread: on 2 threads these shapes make 4 blocks a task (the last task
+# partial), 2 and 1. Windows give each block its own first and last key.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,H,Lq", [(4, 2, 700), (1, 2, 500), (1, 1, 700)])
+@pytest.mark.parametrize("opts", [
+    {}, {"causal": True}, {"window_size": (90, 20)}, {"causal": True, "window_size": (130, -1)}],
+    ids=["full", "causal", "window", "causal-window"])
+def test_query_blocks_per_task(rng, dtype, B, H, Lq, opts):
+    run_and_check(rng, dtype, B=B, Hq=H, Hk=H, Lq=Lq, Lk=Lq + 37, **opts)
+
+
 # Decoding with fewer tasks than cores (here 1 task: 4 query heads share one
 # K/V head): the CPU kernel splits the keys into chunks of >= 4 blocks and
 # merges them by LSE. Windows leave whole chunks empty; sinks join the merge.

@@ -1,10 +1,12 @@
 // FlashAttention-2 forward on the CPU.
 //
-// Each task owns one (batch, query head, block of BQ queries). It streams the
-// visible keys in blocks of BK: S = Q K^T (register-blocked), score
-// modifiers (softcap, ALiBi, masks, window), an online softmax in float32 and
-// O += P V, so memory stays O(BQ x (D + BK)) per thread and no L x L matrix
-// exists. Blocks wholly outside the causal/sliding window are never visited.
+// Each task owns up to kSubBlocks blocks of BQ queries of one (batch, query
+// head). It streams the visible keys in blocks of BK; each query block that
+// sees a key block computes S = Q K^T (register-blocked), score modifiers
+// (softcap, ALiBi, masks, window), an online softmax in float32 and O += P V,
+// so memory stays O(BQ x (D + BK)) per query block and no L x L matrix
+// exists. Pairs of blocks wholly outside the causal/sliding window are never
+// visited.
 //
 // This file is compiled once per instruction set with FA_ISA set to that
 // set's namespace (avx512, avx2, generic); GCC/Clang vector extensions map
@@ -23,7 +25,7 @@ namespace FA_ISA {
 namespace {
 
 // ---------------------------------------------------------------------------
-// One task: query block qb of a group of heads in batch b.
+// One task: query blocks of a group of heads in batch b.
 // ---------------------------------------------------------------------------
 // GQA: the query heads that share a key/value head go into one task, their
 // rows stacked, so each K/V block is read and converted once per group, not
@@ -34,6 +36,12 @@ inline int heads_per_task(const FlashParams& p) {
   while (p.gqa_ratio % g) --g;
   return g;
 }
+
+// Query blocks per task, at most: each K/V block is read once for all of
+// them. At long lengths K/V outgrow the caches, and streaming them in once
+// per 64 query rows held both threads back (2 threads, 8k-16k keys d128:
+// 4 blocks 5-14% faster than 1).
+constexpr int kSubBlocks = 4;
 
 // Below this many rows a task computes S by dot products (qk_direct).
 constexpr int kFewRows = 8;
@@ -58,13 +66,13 @@ struct FloatKV {
 // range of indices. Last query blocks first: with causal masking they see
 // the most keys, and dynamic hand-out then balances the cores.
 struct TaskOrder {
-  int nqb, gpk, B, Hk; // query blocks, task groups per K/V head
+  int nqt, gpk, B, Hk; // tasks per query head group, groups per K/V head
   bool packed;
   int64_t kv_heads() const { return int64_t(packed ? 1 : B) * Hk; }
-  int64_t per_kv_head() const { return int64_t(packed ? B : 1) * gpk * nqb; }
-  void decode(int64_t i, int* b, int* hg, int* qb) const {
-    *qb = nqb - 1 - int(i % nqb);
-    i /= nqb;
+  int64_t per_kv_head() const { return int64_t(packed ? B : 1) * gpk * nqt; }
+  void decode(int64_t i, int* b, int* hg, int* qt) const {
+    *qt = nqt - 1 - int(i % nqt);
+    i /= nqt;
     const int g = int(i % gpk);
     i /= gpk;
     const int hk = packed ? int(i / B) : int(i % Hk);
@@ -88,8 +96,9 @@ template <typename T>
 struct Task {
   const ForwardArgs& a;
   const FlashParams& p;
-  int hpt; // query heads per task
-  int nqi; // query rows per head per task: BQ / hpt
+  int hpt;  // query heads per block
+  int nqi;  // query rows per head per block: BQ / hpt
+  int nsub; // query blocks per task (run_all)
   FloatKV kv;
   SplitKeys split;
 
@@ -97,51 +106,69 @@ struct Task {
     return (size_t(b) * (p.Hq / hpt) + hg) * split.n + chunk;
   }
 
-  // Rows of the task: row r is head h0 + r / nqh, query i0 + r % nqh.
-  void run(int b, int hg, int qb, int chunk = 0) const {
+  // One query block of a task: rows r of head h0 + r / nqh, query i0 + r %
+  // nqh, from row r0 of the task's Q, O, m, l and alpha; keys [kbeg, kend)
+  // visible to some of them.
+  struct QBlock {
+    long i0, kbeg, kend;
+    int nqh, nq, r0;
+  };
+
+  // Query blocks [qt * nsub, qt * nsub + nsub) of head group hg in batch b;
+  // with a split (decoding, nsub = 1) only the keys of chunk `chunk`.
+  void run(int b, int hg, int qt, int chunk = 0) const {
     const Seq sq = seq_of(p, a.seqs, b);
-    long i0;
-    const int nqh = block_rows(sq.qrows_begin, sq.qrows_end, qb, nqi, &i0);
-    if (nqh == 0) return;
-    const int nq = hpt * nqh;
     const int h0 = hg * hpt;
     const int hk = h0 / p.gqa_ratio;
     const int D = p.D, Dv = p.Dv;
     const int dvp = (Dv + 15) / 16 * 16;
-
-    // Keys any row of this block can see; rows narrow it further below.
-    long kbeg, kend;
-    visible_keys(p, sq, i0, i0 + nqh, &kbeg, &kend);
-    // Converted K^T is read by whole blocks: start at one, the per-row
-    // masks hide the keys before kbeg.
-    if (kv.kt) kbeg = kbeg / BK * BK;
+    QBlock blk[kSubBlocks];
+    int nb = 0;
+    long kbeg = 0, kend = 0; // keys any block sees
+    for (; nb < nsub; ++nb) {
+      QBlock& q = blk[nb];
+      q.nqh = block_rows(sq.qrows_begin, sq.qrows_end, qt * nsub + nb, nqi, &q.i0);
+      if (q.nqh == 0) break;
+      q.nq = hpt * q.nqh;
+      q.r0 = nb * BQ;
+      visible_keys(p, sq, q.i0, q.i0 + q.nqh, &q.kbeg, &q.kend);
+      // Converted K^T is read by whole blocks: start at one, the per-row
+      // masks hide the keys before kbeg.
+      if (kv.kt) q.kbeg = q.kbeg / BK * BK;
+      if (q.kbeg >= q.kend) continue;
+      kbeg = kbeg < kend && kbeg < q.kbeg ? kbeg : q.kbeg;
+      kend = kend > q.kend ? kend : q.kend;
+    }
+    if (nb == 0) return;
     if (split.n > 1) { // this chunk of whole blocks
       const long per = ((kend - kbeg + split.n - 1) / split.n + BK - 1) / BK * BK;
       kbeg = kbeg + chunk * per < kend ? kbeg + chunk * per : kend;
       kend = kbeg + per < kend ? kbeg + per : kend;
     }
 
-    // Q (scaled), K^T block, V block, S/P block, O accumulator, m, l (a
-    // vector of partial sums per row), alpha.
+    // Q (scaled), O accumulator, m, l (a vector of partial sums per row) and
+    // alpha per query block; the K^T and V block; one S/P block.
+    const size_t rows = size_t(nb) * BQ;
     float *qf, *kt, *vf, *s, *o, *m, *l, *alpha;
-    carve_scratch({{&qf, size_t(BQ) * D}, {&kt, size_t(D) * BK}, {&vf, size_t(BK) * dvp},
-                   {&s, size_t(BQ) * BK}, {&o, size_t(BQ) * dvp}, {&m, BQ}, {&l, BQ * 16},
-                   {&alpha, BQ}});
+    carve_scratch({{&qf, rows * D}, {&kt, size_t(D) * BK}, {&vf, size_t(BK) * dvp},
+                   {&s, size_t(BQ) * BK}, {&o, rows * dvp}, {&m, rows}, {&l, rows * 16},
+                   {&alpha, rows}});
 
-    for (int i = 0; i < nq; ++i) {
+    for (size_t i = 0; i < rows; ++i) {
       m[i] = -INFINITY;
       store16(l + i * 16, vf16{});
     }
-    memset(o, 0, sizeof(float) * size_t(BQ) * dvp);
+    memset(o, 0, sizeof(float) * rows * dvp);
 
     const T* k = static_cast<const T*>(a.k) + b * p.k_strides[0] + hk * p.k_strides[1];
     const T* v = static_cast<const T*>(a.v) + b * p.v_strides[0] + hk * p.v_strides[1];
 
-    if (kbeg < kend) {
-      for (int r = 0; r < nq; ++r) {
-        const T* q = static_cast<const T*>(a.q) + b * p.q_strides[0] +
-                     (h0 + r / nqh) * p.q_strides[1] + (i0 + r % nqh) * p.q_strides[2];
-        load_row(q, p.q_strides[3], D, p.scale, qf + r * D);
+    for (int t = 0; t < nb && kbeg < kend; ++t) {
+      const QBlock& q = blk[t];
+      for (int r = 0; r < q.nq; ++r) {
+        const T* row = static_cast<const T*>(a.q) + b * p.q_strides[0] +
+                       (h0 + r / q.nqh) * p.q_strides[1] + (q.i0 + r % q.nqh) * p.q_strides[2];
+        load_row(row, p.q_strides[3], D, p.scale, qf + (q.r0 + r) * D);
       }
     }
 
@@ -150,7 +177,7 @@ struct Task {
       // K^T and V: converted once per head beforehand, or per block here.
       // Few rows (decoding): dot products with K's rows beat transposing
       // the block, which would be used by only those rows.
-      const bool few_rows = nq < kFewRows && !kv.kt;
+      const bool few_rows = nb == 1 && blk[0].nq < kFewRows && !kv.kt;
       const float *ktb = kt, *vb = vf;
       int ldv = dvp;
       if (kv.kt) {
@@ -165,20 +192,33 @@ struct Task {
       } else {
         load_kv(k, v, j0, nk, few_rows ? nullptr : kt, vf, dvp);
       }
-      if (few_rows)
-        qk_direct(qf, nq, k, j0, nk, s);
-      else
-        for_row_blocks(nq,
-                       [&]<int R>(int i) { qk_rows<R>(qf + i * D, D, ktb, BK, D, s + i * BK); });
-
-      probabilities(b, sq, h0, nqh, i0, nq, j0, nk, s, m, l, alpha);
-      for_row_blocks(nq, [&]<int R>(int i) {
-        pv_block<R>(s + i * BK, BK, 1, alpha + i, vb, ldv, dvp, nk, o + i * dvp);
-      });
+      for (int t = 0; t < nb; ++t) {
+        const QBlock& q = blk[t];
+        if (q.kbeg >= q.kend || j0 + nk <= q.kbeg || j0 >= q.kend) continue;
+        const float* qrows = qf + q.r0 * D;
+        float* ob = o + q.r0 * dvp;
+        if (few_rows)
+          qk_direct(qrows, q.nq, k, j0, nk, s);
+        else
+          for_row_blocks(q.nq, [&]<int R>(int i) {
+            qk_rows<R>(qrows + i * D, D, ktb, BK, D, s + i * BK);
+          });
+        probabilities(b, sq, h0, q.nqh, q.i0, q.nq, j0, nk, s, m + q.r0, l + q.r0 * 16,
+                      alpha + q.r0);
+        for_row_blocks(q.nq, [&]<int R>(int i) {
+          pv_block<R>(s + i * BK, BK, 1, alpha + q.r0 + i, vb, ldv, dvp, nk, ob + i * dvp);
+        });
+      }
     }
-    if (split.n == 1) return finish_heads(b, h0, i0, nqh, o, m, l, dvp);
+    if (split.n == 1) {
+      for (int t = 0; t < nb; ++t) {
+        const QBlock& q = blk[t];
+        finish_heads(b, h0, q.i0, q.nqh, o + q.r0 * dvp, m + q.r0, l + q.r0 * 16, dvp);
+      }
+      return;
+    }
     const size_t slot = split_slot(b, hg, chunk);
-    for (int r = 0; r < nq; ++r) {
+    for (int r = 0; r < blk[0].nq; ++r) {
       const float li = hsum(load16(l + r * 16)), inv = li > 0.0f ? 1.0f / li : 0.0f;
       split.lse[slot * BQ + r] = li > 0.0f ? m[r] + logf(li) : -INFINITY;
       for (int d = 0; d < dvp; ++d) split.o[(slot * BQ + r) * dvp + d] = o[r * dvp + d] * inv;
@@ -434,7 +474,7 @@ struct AmxTask {
 };
 #endif
 
-// Runs t.run(b, group, qb) for tasks [begin, end) of `order`.
+// Runs t.run(b, group, qt) for tasks [begin, end) of `order`.
 template <typename TaskT>
 void run_tasks(const TaskT& t, const TaskOrder& order, int64_t begin, int64_t end) {
   struct Ctx { const TaskT* t; const TaskOrder* order; int64_t begin; } ctx{&t, &order, begin};
@@ -529,18 +569,25 @@ template <typename T>
 void run_all(const ForwardArgs& a) {
   const FlashParams& p = *a.p;
   const int hpt = heads_per_task(p);
-  Task<T> task{a, p, hpt, BQ / hpt, {}};
-  const TaskOrder order{(p.max_rows_q + task.nqi - 1) / task.nqi, p.gqa_ratio / hpt, p.B, p.Hk,
-                        bool(p.packed)};
-  const int64_t nkv = order.kv_heads(), per_kv = order.per_kv_head();
-  if (nkv * per_kv == 0) return;
+  Task<T> task{a, p, hpt, BQ / hpt, 1, {}};
+  const int nqb = (p.max_rows_q + task.nqi - 1) / task.nqi; // query blocks per head group
+  TaskOrder order{nqb, p.gqa_ratio / hpt, p.B, p.Hk, bool(p.packed)};
+  const int64_t nkv = order.kv_heads();
+  if (nkv * order.per_kv_head() == 0) return;
   // Converting (packing) K and V up front costs about one pass over them:
   // worth it when several query blocks reuse them, not for decoding (one
   // block per head), where the blocks are converted as they stream by.
-  if (order.nqb < 2) return run_decode(task, order);
+  if (nqb < 2) return run_decode(task, order);
 #if defined(__AMX_BF16__)
   if constexpr (is_bf16<T>) return run_amx(task, order);
 #endif
+  // kSubBlocks query blocks per task, fewer where that would leave less
+  // than 4 tasks per thread.
+  for (task.nsub = kSubBlocks;; task.nsub /= 2) {
+    order.nqt = (nqb + task.nsub - 1) / task.nsub;
+    if (task.nsub == 1 || nkv * order.per_kv_head() >= 4 * num_threads()) break;
+  }
+  const int64_t per_kv = order.per_kv_head();
   FloatKV& kv = task.kv;
   const int dvp = (p.Dv + 15) / 16 * 16;
   kv.lkp = (p.Lk + BK - 1) / BK * BK;

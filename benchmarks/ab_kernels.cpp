@@ -1,9 +1,10 @@
 // A/B timing of two builds of the CPU kernels (namespaces flash_cpu::va and
-// flash_cpu::vb, see ab_kernels.sh) in one process on one thread, their
-// calls alternated: a shared machine's load drifts by 10-30% over seconds,
-// which separate runs cannot tell from a change of a few percent.
+// flash_cpu::vb, see ab_kernels.sh) in one process, their calls alternated:
+// a shared machine's load drifts by 10-30% over seconds, which separate runs
+// cannot tell from a change of a few percent.
 //
-//   ab_kernels B H L D causal dtype iters [bwd]   (dtype: 0 float32, 2 bfloat16)
+//   ab_kernels B H L D causal dtype iters [bwd [threads]]
+//   (dtype: 0 float32, 2 bfloat16; threads: 1 by default)
 //
 // Prints the median and best time of each build, their ratio, and the
 // largest difference between the two builds' outputs (they should agree to
@@ -15,6 +16,8 @@
 #include <time.h>
 
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <vector>
 
 #include "flash_cpu.h"
@@ -28,20 +31,33 @@ namespace vb {
 void forward(const ForwardArgs&);
 void backward(const BackwardArgs&);
 }
-// One thread: the kernels' services, serial.
+// The kernels' services: serial, or on `threads` threads started per call
+// (a plainer pool than runtime.cpp's, the same for both builds).
+static int threads = 1;
 void parallel_for(int64_t n, void (*fn)(void*, int64_t), void* ctx) {
-  for (int64_t i = 0; i < n; ++i) fn(ctx, i);
+  std::atomic<int64_t> next{0};
+  auto work = [&] {
+    for (int64_t i; (i = next++) < n;) fn(ctx, i);
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads && t < n; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
 }
-int num_threads() { return 1; }
+int num_threads() { return threads; }
 void* thread_scratch(size_t n) {
-  static void* p = nullptr;
-  static size_t size = 0;
-  if (size < n) {
-    free(p);
-    size = (n + 63) / 64 * 64;
-    p = aligned_alloc(64, size);
+  struct Scratch {
+    void* p = nullptr;
+    size_t size = 0;
+    ~Scratch() { free(p); }
+  };
+  thread_local Scratch s;
+  if (s.size < n) {
+    free(s.p);
+    s.size = (n + 63) / 64 * 64;
+    s.p = aligned_alloc(64, s.size);
   }
-  return p;
+  return s.p;
 }
 } // namespace flash_cpu
 
@@ -63,12 +79,13 @@ static float value(const std::vector<char>& a, size_t i, int dt) {
 
 int main(int argc, char** argv) {
   if (argc < 8) {
-    fprintf(stderr, "usage: %s B H L D causal dtype iters [bwd]\n", argv[0]);
+    fprintf(stderr, "usage: %s B H L D causal dtype iters [bwd [threads]]\n", argv[0]);
     return 2;
   }
   const int B = atoi(argv[1]), H = atoi(argv[2]), L = atoi(argv[3]), D = atoi(argv[4]);
   const int causal = atoi(argv[5]), dt = atoi(argv[6]), iters = atoi(argv[7]);
   const int bwd = argc > 8 && atoi(argv[8]);
+  threads = argc > 9 ? atoi(argv[9]) : 1;
   FlashParams p{};
   p.B = B;
   p.Hq = p.Hk = H;
@@ -133,9 +150,9 @@ int main(int argc, char** argv) {
     std::sort(t[x].begin(), t[x].end());
     med[x] = t[x][t[x].size() / 2];
   }
-  printf("%s B%d H%d L%d D%d %s %s: A %.3f ms (best %.3f, %.1f GFLOP/s) | B %.3f ms (best %.3f, "
+  printf("%s B%d H%d L%d D%d %s %s, %d thread(s): A %.3f ms (best %.3f, %.1f GFLOP/s) | B %.3f ms (best %.3f, "
          "%.1f GFLOP/s) | B/A %.3f | max |A-B| %.2g\n",
-         bwd ? "bwd" : "fwd", B, H, L, D, causal ? "causal" : "full", dt ? "bf16" : "f32",
+         bwd ? "bwd" : "fwd", B, H, L, D, causal ? "causal" : "full", dt ? "bf16" : "f32", threads,
          med[0] * 1e3, t[0][0] * 1e3, flop / med[0] / 1e9, med[1] * 1e3, t[1][0] * 1e3,
          flop / med[1] / 1e9, med[1] / med[0], diff);
   return 0;

@@ -1,9 +1,10 @@
 #!/bin/bash
 # Builds the CPU kernels of two git revisions into one binary
 # (benchmarks/ab_kernels.cpp) and times them against each other, calls
-# alternated on one thread. REV_B "work" (the default) is the working tree.
+# alternated (one thread unless told). REV_B "work" (the default) is the
+# working tree.
 #
-#   benchmarks/ab_kernels.sh REV_A [REV_B] -- B H L D causal dtype iters [bwd]
+#   benchmarks/ab_kernels.sh REV_A [REV_B] -- B H L D causal dtype iters [bwd [threads]]
 #   e.g. benchmarks/ab_kernels.sh HEAD~1 -- 1 8 1024 64 0 0 20
 #
 # Kernel flags: $FA_FLAGS, default AVX2 + FMA + F16C (CMakeLists.txt's avx2).
@@ -33,6 +34,6 @@ for side in a b; do
   done
 done
 wait
-g++ -O2 -std=c++20 -I"$repo/kernels" -I"$repo/cpp/cpu" "$here/ab_kernels.cpp" "$dir"/*.o \
+g++ -O2 -std=c++20 -pthread -I"$repo/kernels" -I"$repo/cpp/cpu" "$here/ab_kernels.cpp" "$dir"/*.o \
   -o "$dir/ab_kernels"
 "$dir/ab_kernels" "$@"

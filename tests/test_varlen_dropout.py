@@ -103,6 +103,36 @@ def test_dropout_decode_split_equals_unsplit(rng):
     assert np.abs(to64(split) - to64(no_dropout)).max() > 1e-2
 
 
+def test_varlen_sink_and_alibi_gradients(rng):
+    """Sink and ALiBi-slope gradients are sums over each dQ task's partial
+    sums. One K/V head of 3 packed sequences takes the CPU backward's
+    two-pass path, where the short sequences have no rows in the later
+    query blocks: those partial sums must count as 0, whatever memory held
+    before (dirtied here with large values), on every call."""
+    lens_q, lens_k, Hq, D = [130, 5, 70], [140, 9, 80], 2, 32
+    q, k, v = pack(rng, lens_q, Hq, D, mx.float32), *(pack(rng, lens_k, 1, D, mx.float32)
+                                                     for _ in range(2))
+    cq, ck = cu(lens_q), cu(lens_k)
+    oq, ok = np.cumsum([0] + lens_q), np.cumsum([0] + lens_k)
+    sinks, slopes = mx.array([0.3, -0.5]), mx.array([0.01, 0.02])
+
+    def packed(s, a):
+        return fa.attention_varlen(q, k, v, cq, ck, max(lens_q), max(lens_k), causal=True,
+                                   sinks=s, alibi_slopes=a).sum()
+
+    def split(s, a):
+        t = lambda x, o, b: x[o[b]:o[b + 1]].transpose(1, 0, 2)[None]
+        return sum(fa.attention(t(q, oq, b), t(k, ok, b), t(v, ok, b), causal=True, sinks=s,
+                                alibi_slopes=a).sum() for b in range(len(lens_q)))
+
+    want = mx.grad(split, argnums=(0, 1))(sinks, slopes)
+    for _ in range(3):
+        mx.eval([mx.full((4096,), 1e30) * 2 for _ in range(50)])
+        got = mx.grad(packed, argnums=(0, 1))(sinks, slopes)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(to64(g), to64(w), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype,lens_q,lens_k,Hq,Hk,D", [
     (mx.float32, LENS_Q, LENS_K, 4, 1, 32),
     (mx.bfloat16, LENS_Q, LENS_K, 4, 1, 32),

@@ -240,7 +240,10 @@ struct Backward {
     const Seq sq = seq_of(p, a.fwd.seqs, b);
     long i0;
     const int nq = block_rows(sq.qrows_begin, sq.qrows_end, qb, BQ, &i0);
-    if (nq == 0) return;
+    if (nq == 0) { // past a short packed sequence: its partial sums are 0
+      partial(b, h, qb)[0] = partial(b, h, qb)[1] = 0.0f;
+      return;
+    }
     const int hk = h / p.gqa_ratio;
     const int D = p.D, Dp = pad16(D);
     float *dqa, *s, *dp, *cap, *lse, *del, *tmp, *ds;

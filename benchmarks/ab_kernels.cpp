@@ -150,8 +150,8 @@ int main(int argc, char** argv) {
     std::sort(t[x].begin(), t[x].end());
     med[x] = t[x][t[x].size() / 2];
   }
-  printf("%s B%d H%d L%d D%d %s %s, %d thread(s): A %.3f ms (best %.3f, %.1f GFLOP/s) | B %.3f ms (best %.3f, "
-         "%.1f GFLOP/s) | B/A %.3f | max |A-B| %.2g\n",
+  printf("%s B%d H%d L%d D%d %s %s, %d thread(s): A %.3f ms (best %.3f, %.1f GFLOP/s) | "
+         "B %.3f ms (best %.3f, %.1f GFLOP/s) | B/A %.3f | max |A-B| %.2g\n",
          bwd ? "bwd" : "fwd", B, H, L, D, causal ? "causal" : "full", dt ? "bf16" : "f32", threads,
          med[0] * 1e3, t[0][0] * 1e3, flop / med[0] / 1e9, med[1] * 1e3, t[1][0] * 1e3,
          flop / med[1] / 1e9, med[1] / med[0], diff);

@@ -240,10 +240,7 @@ struct Backward {
     const Seq sq = seq_of(p, a.fwd.seqs, b);
     long i0;
     const int nq = block_rows(sq.qrows_begin, sq.qrows_end, qb, BQ, &i0);
-    if (nq == 0) { // past a short packed sequence: its partial sums are 0
-      partial(b, h, qb)[0] = partial(b, h, qb)[1] = 0.0f;
-      return;
-    }
+    if (nq == 0) return; // past a short packed sequence (its partials stay 0)
     const int hk = h / p.gqa_ratio;
     const int D = p.D, Dp = pad16(D);
     float *dqa, *s, *dp, *cap, *lse, *del, *tmp, *ds;
@@ -347,7 +344,7 @@ struct Backward {
         visible_keys(p, sq, i0, i0 + nq, &kbeg, &kend);
         for (int jb = 0; jb < nk; jb += BK) {
           const int nkj = nk - jb < BK ? nk - jb : BK;
-          if (j0 + jb >= kend || j0 + jb + nkj <= kbeg) continue;
+          if (!ranges_meet(j0 + jb, j0 + jb + nkj, kbeg, kend)) continue;
           const float *kt, *vt, *km;
           key_cols(b, hk, j0 + jb, kt, vt, km);
           scores(sq, b, h, i0, nq, j0 + jb, nkj, slope, qf, dof, kt, vt, fp->kw, lse, del, s, dp,
@@ -399,10 +396,7 @@ struct Backward {
         long i0;
         const int nq = block_rows(sq.qrows_begin, sq.qrows_end, qb, BQ, &i0);
         const float *unused_q, *unused_do;
-        if (nq == 0) {
-          partial(b, h, qb)[0] = partial(b, h, qb)[1] = 0.0f;
-          continue;
-        }
+        if (nq == 0) continue;
         query_rows(b, h, i0, nq, unused_q, unused_do, lse, del);
         write_dq(b, h, i0, nq, dqa + (hh * rows + (i0 - sq.qrows_begin)) * Dp, lse, del,
                  qb == 0 ? dslope[hh] : 0.0, qb);
@@ -622,6 +616,9 @@ void run_backward(const BackwardArgs& a) {
   const int nqb = (p.max_rows_q + BQ - 1) / BQ, nkb = (p.max_rows_k + BK - 1) / BK;
   const int64_t nbh = int64_t(p.B) * p.Hq, nkv = int64_t(p.packed ? 1 : p.B) * p.Hk;
   float* delta = alloc_aligned<float>(nbh * p.Lq + 2 * nbh * nqb + 1);
+  // Partial sums start at 0: blocks past a short packed sequence have no
+  // task rows to write theirs.
+  memset(delta + nbh * p.Lq, 0, sizeof(float) * 2 * nbh * nqb);
   // bfloat16 with AMX: the GEMMs run on tiles over operands packed once;
   // otherwise on FMAs over operands converted to float32 a wave of heads at
   // a time.

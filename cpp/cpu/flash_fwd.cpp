@@ -195,7 +195,7 @@ struct Task {
       }
       for (int t = 0; t < nb; ++t) {
         const QBlock& q = blk[t];
-        if (q.kbeg >= q.kend || j0 + nk <= q.kbeg || j0 >= q.kend) continue;
+        if (!ranges_meet(j0, j0 + nk, q.kbeg, q.kend)) continue;
         const float* qrows = qf + q.r0 * D;
         float* ob = o + q.r0 * dvp;
         if (few_rows)

@@ -589,6 +589,12 @@ inline void visible_keys(const FlashParams& p, const Seq& sq, long i0, long i1, 
     *end = i1 - 1 + sq.shift + p.window_right + 1;
 }
 
+// Whether [a0, a1) and [b0, b1) share an element (false if either is empty):
+// a block pair a task may skip.
+inline bool ranges_meet(long a0, long a1, long b0, long b1) {
+  return a0 < a1 && b0 < b1 && a0 < b1 && b0 < a1;
+}
+
 // Queries [*beg, *end) that may see some key in [j0, j1).
 inline void visible_queries(const FlashParams& p, const Seq& sq, long j0, long j1, long* beg,
                             long* end) {

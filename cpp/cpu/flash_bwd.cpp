@@ -291,7 +291,7 @@ struct Backward {
       }
 #endif
       for_row_blocks(nq, [&]<int R>(int i) {
-        pv_block<R>(dp + i * BK, BK, 1, nullptr, km, Dp, Dp, nk, dqa + i * Dp);
+        pv_block<R>(dp + i * BK, BK, 1, nullptr, km, Dp, 16, Dp, nk, dqa + i * Dp);
       });
     }
 #if defined(__AMX_BF16__)
@@ -354,13 +354,13 @@ struct Backward {
           // dV += P^T dO and dK += dS^T Q, reading P and dS transposed.
           float *dvj = dva + jb * dvp, *dkj = dka + jb * Dp;
           for_row_blocks(nkj, [&]<int R>(int j) {
-            pv_block<R>(s + j, 1, BK, nullptr, dof, dvp, dvp, nq, dvj + j * dvp);
-            pv_block<R>(dp + j, 1, BK, nullptr, qf, Dp, Dp, nq, dkj + j * Dp);
+            pv_block<R>(s + j, 1, BK, nullptr, dof, dvp, 16, dvp, nq, dvj + j * dvp);
+            pv_block<R>(dp + j, 1, BK, nullptr, qf, Dp, 16, Dp, nq, dkj + j * Dp);
           });
           if (fz) {
             float* dqa = fz->dqa + (hh * fz->rows + (i0 - sq.qrows_begin)) * Dp;
             for_row_blocks(nq, [&]<int R>(int i) {
-              pv_block<R>(dp + i * BK, BK, 1, nullptr, km, Dp, Dp, nkj, dqa + i * Dp);
+              pv_block<R>(dp + i * BK, BK, 1, nullptr, km, Dp, 16, Dp, nkj, dqa + i * Dp);
             });
           }
         }

@@ -49,10 +49,11 @@ constexpr int kFewRows = 8;
 // K^T and V of K/V heads [first, first + n) (index (batch, K/V head), see
 // TaskOrder) converted to float32 once, for the tasks that share them (see
 // run_all): K^T as one D x BK block per BK keys (transposed_at; rows of a
-// D x lkp matrix would lie on as many pages as D at long lengths), V lkp x
-// dvp, keys padded with zeros to a block multiple (tasks read whole blocks
-// from a block boundary). v is null where V is read in place (float32
-// rows, see run_all).
+// D x lkp matrix would lie on as many pages as D at long lengths), V as
+// dvp / 16 column chunks of lkp x 16 (a PV pass reads one chunk of 64 rows:
+// contiguous, where rows 512+ bytes apart share a few L1 sets), keys padded
+// with zeros to a block multiple (tasks read whole blocks from a block
+// boundary). v is null where V is read in place (see run_all).
 struct FloatKV {
   const float* kt = nullptr;
   const float* v = nullptr;
@@ -180,12 +181,14 @@ struct Task {
       // the block, which would be used by only those rows.
       const bool few_rows = nb == 1 && blk[0].nq < kFewRows && !kv.kt;
       const float *ktb = kt, *vb = vf;
-      int ldv = dvp;
+      int ldv = dvp, vcs = 16;
       if (kv.kt) {
         const size_t slot = size_t(p.packed ? 0 : b) * p.Hk + hk - kv.first;
         ktb = transposed_at(kv.kt + slot * kv.lkp * D, j0, BK, D);
         if (kv.v) {
-          vb = kv.v + (slot * kv.lkp + j0) * dvp;
+          vb = kv.v + slot * kv.lkp * dvp + j0 * 16;
+          ldv = 16;
+          vcs = kv.lkp * 16;
         } else {
           vb = reinterpret_cast<const float*>(v + j0 * p.v_strides[2]);
           ldv = int(p.v_strides[2]);
@@ -207,7 +210,7 @@ struct Task {
         probabilities(b, sq, h0, q.nqh, q.i0, q.nq, j0, nk, s, m + q.r0, l + q.r0 * 16,
                       alpha + q.r0);
         for_row_blocks(q.nq, [&]<int R>(int i) {
-          pv_block<R>(s + i * BK, BK, 1, alpha + q.r0 + i, vb, ldv, dvp, nk, ob + i * dvp);
+          pv_block<R>(s + i * BK, BK, 1, alpha + q.r0 + i, vb, ldv, vcs, dvp, nk, ob + i * dvp);
         });
       }
     }
@@ -560,9 +563,12 @@ void convert_kv(const Task<T>& task, const FloatKV& kv, int64_t n) {
                  p.D, p.k_strides[2], p.k_strides[3], 1.0f, lkp,
                  const_cast<float*>(x.kv.kt) + slot * size_t(lkp) * p.D, BK, nullptr, 0);
     if (x.kv.v)
-      convert_rows(static_cast<const T*>(x.t.a.v) + b * p.v_strides[0] + hk * p.v_strides[1],
-                   p.Lk, p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, lkp, nullptr, 0,
-                   const_cast<float*>(x.kv.v) + slot * size_t(lkp) * dvp, dvp);
+      for (int c = 0; c < p.Dv; c += 16)
+        convert_rows(static_cast<const T*>(x.t.a.v) + b * p.v_strides[0] + hk * p.v_strides[1] +
+                         c * p.v_strides[3],
+                     p.Lk, p.Dv - c < 16 ? p.Dv - c : 16, p.v_strides[2], p.v_strides[3], 1.0f,
+                     lkp, nullptr, 0,
+                     const_cast<float*>(x.kv.v) + (slot * size_t(dvp) + c) * lkp, 16);
   }, &ctx);
 }
 
@@ -592,10 +598,12 @@ void run_all(const ForwardArgs& a) {
   FloatKV& kv = task.kv;
   const int dvp = (p.Dv + 15) / 16 * 16;
   kv.lkp = (p.Lk + BK - 1) / BK * BK;
-  // float32 V with unit column stride and a width the GEMM covers exactly
-  // (no zero columns to add) is read in place, not copied.
+  // float32 V rows of at most 64 unit-stride columns, all of them covered
+  // by the GEMM (no zero columns to add), are read in place, not copied:
+  // copying into column chunks gained nothing at D = 64 but 2-7% at D = 128
+  // (2 threads; ab_kernels.sh, RESULTS.md).
   const bool v_in_place = sizeof(T) == sizeof(float) && p.v_strides[3] == 1 && dvp == p.Dv &&
-                          p.v_strides[2] <= (1 << 24);
+                          p.v_strides[2] <= 64;
   const size_t head_floats = size_t(kv.lkp) * (p.D + (v_in_place ? 0 : dvp));
   const int64_t wave = wave_heads(head_floats * sizeof(float), nkv);
   float* buf = alloc_aligned<float>(wave * head_floats);

@@ -303,17 +303,18 @@ __attribute__((noinline)) void qk_rows(const float* q, int ldq, const float* kt,
 
 // O[r][c0 : c0+16*NC] = alpha[r] * O[r][...] + sum_j P[r][j] * V[j][...]
 // (alpha = 1 when null). P[r][j] is at p[r * ldp + j * ldj]: ldj = 1 for P,
-// or ldp = 1 to multiply by the transpose of a row-major block.
+// or ldp = 1 to multiply by the transpose of a row-major block. V's columns
+// come in chunks of 16, vcs floats apart (16 for plain rows).
 template <int R, int NC>
 FA_GEMM void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const float* v,
-                     int ldv, int nk, float* o, int ldo) {
+                     int ldv, int vcs, int nk, float* o, int ldo) {
   vf16 acc[R][NC];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NC; ++c)
       acc[r][c] = load16(o + r * ldo + c * 16) * (alpha ? alpha[r] : 1.0f);
   for (int j = 0; j < nk; ++j) {
     vf16 vv[NC];
-    for (int c = 0; c < NC; ++c) vv[c] = load16(v + j * ldv + c * 16);
+    for (int c = 0; c < NC; ++c) vv[c] = load16(v + j * ldv + c * vcs);
     for (int r = 0; r < R; ++r) {
       vf16 pb = splat(p[r * ldp + j * ldj]);
       for (int c = 0; c < NC; ++c) acc[r][c] += pb * vv[c];
@@ -323,20 +324,21 @@ FA_GEMM void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const
     for (int c = 0; c < NC; ++c) store16(o + r * ldo + c * 16, acc[r][c]);
 }
 
-// pv_rows over all n columns of V (row stride ldv) and O (row stride n; n a
-// multiple of 16), in chunks of at most 16 * CHUNK columns to stay in
+// pv_rows over all n columns of V (row stride ldv, column chunks vcs apart)
+// and O (row stride n; n a multiple of 16), in chunks of at most 16 * CHUNK columns to stay in
 // registers.
 template <int R>
 FA_GEMM void pv_block(const float* p, int ldp, int ldj, const float* alpha, const float* v,
-                      int ldv, int n, int nk, float* o) {
+                      int ldv, int vcs, int n, int nk, float* o) {
   int c = 0;
   for (; c + 16 * CHUNK <= n; c += 16 * CHUNK)
-    pv_rows<R, CHUNK>(p, ldp, ldj, alpha, v + c, ldv, nk, o + c, n);
+    pv_rows<R, CHUNK>(p, ldp, ldj, alpha, v + c / 16 * vcs, ldv, vcs, nk, o + c, n);
   if constexpr (CHUNK > 1) {
+    const float* vc = v + c / 16 * vcs;
     switch ((n - c) / 16) {
-      case 3: pv_rows<R, 3>(p, ldp, ldj, alpha, v + c, ldv, nk, o + c, n); break;
-      case 2: pv_rows<R, 2>(p, ldp, ldj, alpha, v + c, ldv, nk, o + c, n); break;
-      case 1: pv_rows<R, 1>(p, ldp, ldj, alpha, v + c, ldv, nk, o + c, n); break;
+      case 3: pv_rows<R, 3>(p, ldp, ldj, alpha, vc, ldv, vcs, nk, o + c, n); break;
+      case 2: pv_rows<R, 2>(p, ldp, ldj, alpha, vc, ldv, vcs, nk, o + c, n); break;
+      case 1: pv_rows<R, 1>(p, ldp, ldj, alpha, vc, ldv, vcs, nk, o + c, n); break;
       default: break;
     }
   }

@@ -9,7 +9,8 @@ a call over 20 s in warm-up is timed once. Ours and PyTorch take turns,
 4 blocks of runs each, so a change in the machine's load mid-case falls
 on both. Speed-ups are ratios of medians. GFLOP/s counts 4*B*H*Lq*Lk*D
 (halved for causal) forward, 3.5x that for forward+backward (the
-backward's five GEMMs on top of the forward's two). The full mode ends
+backward's five GEMMs on top of the forward's two), beside a GEMM ceiling
+(PyTorch's float32 matmul) timed in turns with each row. The full mode ends
 with the peak extra memory of a 32k-token causal call.
 """
 
@@ -124,6 +125,13 @@ def flops(B, H, Lq, Lk, D, causal, backward=False):
     return f * 3.5 if backward else f
 
 
+def matmul(dtype, n):
+    """A square n x n matmul in PyTorch and its FLOP count."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    return (lambda: a @ b), 2.0 * n**3
+
+
 def gemm_ceiling(dtype, max_n=2048):
     """GFLOP/s of a square matmul in PyTorch, its best run: the machine's
     practical ceiling (a median dips with whatever else the machine runs at
@@ -135,11 +143,10 @@ def gemm_ceiling(dtype, max_n=2048):
         return float("nan")
     n = 256
     while True:
-        a = torch.randn(n, n).to(dtype)
-        b = torch.randn(n, n).to(dtype)
-        _, best, _ = timeit({"mm": lambda: a @ b}, reps=10 if n == max_n else 3, warmup=1)["mm"]
+        mm, f = matmul(dtype, n)
+        _, best, _ = timeit({"mm": mm}, reps=10 if n == max_n else 3, warmup=1)["mm"]
         if n >= max_n or best > 200:
-            return 2 * n**3 / best / 1e6
+            return f / best / 1e6
         n *= 2
 
 
@@ -187,7 +194,15 @@ def run_case(cfg, dtype, causal, backward, reps, with_mlx):
             F.scaled_dot_product_attention(*xs, **opts).backward(tdo)
 
         fns["torch"] = pt_bwd if backward else pt
+        # The float32 GEMM ceiling, timed in turns with the case: the guest's
+        # speed drifts by 10-30% over minutes, so one ceiling measured at the
+        # start made rows read anywhere from 57% to 112% of it. 1536^3 runs
+        # as fast as 2048^3 (178-180 GFLOP/s here) in 40% of the time.
+        mm, mm_flop = matmul(torch.float32, 1536)
+        fns["ceil"] = mm
     results = timeit(fns, reps, warmup=1 if f > 2e11 else 2)
+    if "ceil" in results:
+        results["ceil"] = mm_flop / results["ceil"][1] / 1e6  # best run, GFLOP/s
     if with_mlx and f <= MLX_MAX_FLOP:  # 30-100x slower: 2 runs, on its own
         results.update(timeit({"mlx": timed(mlx_sdpa)}, 2, warmup=1, span=0))
     return f, results
@@ -224,12 +239,15 @@ def main(argv=None):
         mx.set_default_device(mx.cpu)
     ceilings = {dt: gemm_ceiling(getattr(torch, dt)) if torch else float("nan")
                 for dt in dict.fromkeys(["float32"] + dtypes) if dt != "float16"}
-    print("GEMM ceiling (PyTorch matmul, best run, n^3 up to 2048^3): " +
+    print("GEMM ceiling (PyTorch matmul, best run, n^3 up to 2048^3) at the start: " +
           ", ".join(f"{dt} {c:.0f} GFLOP/s" for dt, c in ceilings.items()))
+    print("each row's ceiling: the float32 1536^3 matmul's best run, timed in turns with "
+          "the row (16-bit rows: or the start's 16-bit ceiling, if higher)")
     print(f"times: median ms (max-min spread) over {reps} runs, or as many as span "
           f"{TIMED_S} s (up to {MAX_REPS}), ours and torch in {TURNS} turns; MLX over 2")
     head = (f"{'config':10s} {'pass':7s} {'dtype':8s} {'causal':6s} {'ours ms':>17s} {'mlx ms':>17s} "
-            f"{'torch ms':>17s} {'vs mlx':>7s} {'vs torch':>8s} {'GFLOP/s':>8s} {'of ceil':>7s}")
+            f"{'torch ms':>17s} {'vs mlx':>7s} {'vs torch':>8s} {'GFLOP/s':>8s} {'ceiling':>7s} "
+            f"{'of ceil':>7s}")
     print(head)
     print("-" * len(head))
     passes = (args.passes or ("fwd" if args.quick else "fwd,fwd+bwd")).split(",")
@@ -251,11 +269,11 @@ def main(argv=None):
         gf = f / ours / 1e6
         # A 16-bit dtype can always be computed in float32: its ceiling is
         # the faster of the two (CPUs without bfloat16 arithmetic).
-        ceil = max(ceilings["float32"], ceilings.get(dtype, 0.0))
+        ceil = max(r.get("ceil", float("nan")), ceilings.get(dtype, 0.0))
         print(f"{cfg[0]:10s} {ps:7s} {dtype:8s} {str(causal and cfg[4] > 1):6s} "
               f"{fmt_time(r['ours'])} {fmt_time(r.get('mlx'))} {fmt_time(r.get('torch'))} "
               f"{vs.get('mlx', float('nan')):6.1f}x {vs.get('torch', float('nan')):7.2f}x "
-              f"{gf:8.1f} {100 * gf / ceil:6.0f}%", flush=True)
+              f"{gf:8.1f} {ceil:7.0f} {100 * gf / ceil:6.0f}%", flush=True)
     for (peer, ps), xs in speedups.items():
         g = math.exp(np.mean(np.log(xs)))
         print(f"{ps:7s} geometric-mean speed-up vs {peer}: {g:.2f}x "

@@ -29,3 +29,12 @@ def test_a_slow_peer_is_timed_once(monkeypatch):
     times = bench.timeit({"slow": lambda: calls.append(1)}, reps=5, warmup=2, span=10)
     assert len(calls) == 2  # one warm-up call, one timed
     assert times["slow"][1] == times["slow"][2]
+
+
+def test_each_case_times_a_ceiling():
+    """A case times the float32 GEMM ceiling in turns with the peers and
+    returns it as GFLOP/s (the row's 'of ceil' is against it)."""
+    f, r = bench.run_case(("tiny", 1, 2, 1, 16, 16, 32), "float32", True, False, 1, False)
+    assert set(r) == {"ours", "torch", "ceil"}
+    assert f == bench.flops(1, 2, 16, 16, 32, True)
+    assert isinstance(r["ceil"], float) and 0.1 < r["ceil"] < 1e5

@@ -91,6 +91,31 @@ def test_window_two_pass(rng, dtype, window):
     grad_check(rng, dtype, B=1, Hq=2, Hk=1, Lq=150, Lk=170, window_size=window)
 
 
+# The two-pass path's dQ task takes up to 4 blocks of 64 query rows, which
+# share each key block, and fewer where there would be less than 4 tasks per
+# thread: on 2 threads these shapes (one K/V head) make 4 blocks a task (the
+# last task partial), 2 and 1. Windows give each block its own first and
+# last key; "all" adds every score modifier and the gradients they have.
+TWO_PASS_OPTS = {
+    "full": lambda rng, H, Lq: {},
+    "causal": lambda rng, H, Lq: {"causal": True},
+    "window": lambda rng, H, Lq: {"window_size": (90, 20)},
+    "causal-window": lambda rng, H, Lq: {"causal": True, "window_size": (130, -1)},
+    "all": lambda rng, H, Lq: {
+        "window_size": (200, 70), "softcap": 5.0,
+        "mask": mx.array(rng.standard_normal((Lq, Lq + 37)).astype(np.float32)),
+        "alibi_slopes": mx.array(rng.uniform(0.0, 0.05, (H,)).astype(np.float32)),
+        "sinks": mx.array(rng.uniform(-1, 1, (H,)).astype(np.float32))},
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("H,Lq", [(4, 700), (2, 500), (1, 300)])
+@pytest.mark.parametrize("opts", TWO_PASS_OPTS, ids=str)
+def test_two_pass_query_blocks_per_task(rng, dtype, H, Lq, opts):
+    grad_check(rng, dtype, B=1, Hq=H, Hk=1, Lq=Lq, Lk=Lq + 37, **TWO_PASS_OPTS[opts](rng, H, Lq))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("Hq,Hk", [(8, 2), (8, 1), (6, 3)])
 def test_gqa(rng, dtype, Hq, Hk):

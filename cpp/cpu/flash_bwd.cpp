@@ -7,7 +7,7 @@
 // P is recomputed block by block from Q, K and the saved LSE, so memory stays
 // O(L). Two passes keep every output owned by exactly one task, so results
 // are bit-identical from run to run (no atomics, no racing accumulators):
-//   - dQ pass, one task per (batch, query head, query block), also writing
+//   - dQ pass, one task per (batch, query head, run of query blocks), also writing
 //     the additive-mask gradient rows and per-task ALiBi/sink partial sums;
 //   - dK/dV pass, one task per (batch, key/value head, key block), summing
 //     over the query heads of its GQA group.
@@ -28,6 +28,9 @@ namespace {
 // outgrow the caches (2 threads, d128: 4k keys non-causal 10%, 8k causal
 // 15% faster than one block; no clear change at 256-2k keys).
 constexpr int kFusedKeyBlocks = 4;
+// Query blocks per dQ task of the two-pass backward, at most, for the same
+// reason: K, V and K^T are streamed in once for all of them.
+constexpr int kDqBlocks = 4;
 
 inline int pad16(int n) {
   return (n + 15) / 16 * 16;
@@ -235,70 +238,97 @@ struct Backward {
     part[1] = float(dsink);
   }
 
-  // --- dQ pass: query block qb of head h in batch b. ---
-  void dq_task(int b, int h, int qb) const {
+  // --- dQ pass: query blocks [qt * nqs, qt * nqs + nqs) of head h in batch
+  // b (nqs = 1 on AMX). Each key block any of them sees is taken once and
+  // used by each block that sees some key of it. ---
+  void dq_task(int b, int h, int qt, int nqs) const {
     const Seq sq = seq_of(p, a.fwd.seqs, b);
-    long i0;
-    const int nq = block_rows(sq.qrows_begin, sq.qrows_end, qb, BQ, &i0);
-    if (nq == 0) return; // past a short packed sequence (its partials stay 0)
     const int hk = h / p.gqa_ratio;
-    const int D = p.D, Dp = pad16(D);
+    const int Dp = pad16(p.D);
     float *dqa, *s, *dp, *cap, *lse, *del, *tmp, *ds;
-    carve_scratch({{&dqa, size_t(BQ) * Dp}, {&s, BQ * BK}, {&dp, BQ * BK}, {&cap, BQ * BK},
-                   {&lse, BQ}, {&del, BQ}, {&tmp, amx ? size_t(BQ) * amx->dp : 0},
-                   {&ds, amx ? size_t(BQ) * BK / 2 : 0}});
-    const float *qf = nullptr, *dof = nullptr, *kt, *vt, *km;
-
-    query_rows(b, h, i0, nq, qf, dof, lse, del);
-    memset(dqa, 0, sizeof(float) * BQ * Dp);
-    if (a.dmask)
-      memset(a.dmask + row_index(b, h, i0) * p.Lk, 0, sizeof(float) * nq * size_t(p.Lk));
+    carve_scratch({{&dqa, size_t(nqs) * BQ * Dp}, {&s, BQ * BK}, {&dp, BQ * BK},
+                   {&cap, BQ * BK}, {&lse, size_t(nqs) * BQ}, {&del, size_t(nqs) * BQ},
+                   {&tmp, amx ? size_t(BQ) * amx->dp : 0}, {&ds, amx ? size_t(BQ) * BK / 2 : 0}});
+    // Query block t: rows [i0, i0 + nq), its Q and dO, keys [kbeg, kend) it
+    // may see, its ALiBi slope sum; its dQ sums, LSE and Delta at t * BQ.
+    struct QBlock {
+      long i0, kbeg, kend;
+      int nq;
+      const float *qf, *dof;
+      double dslope;
+    };
+    QBlock blk[kDqBlocks];
+    int nb = 0;
+    long kbeg = 0, kend = 0; // keys any block sees
+    for (; nb < nqs; ++nb) {
+      QBlock& q = blk[nb];
+      q.nq = block_rows(sq.qrows_begin, sq.qrows_end, qt * nqs + nb, BQ, &q.i0);
+      if (q.nq == 0) break; // past a short packed sequence (its partials stay 0)
+      q.qf = q.dof = nullptr;
+      q.dslope = 0.0;
+      query_rows(b, h, q.i0, q.nq, q.qf, q.dof, lse + nb * BQ, del + nb * BQ);
+      if (a.dmask)
+        memset(a.dmask + row_index(b, h, q.i0) * p.Lk, 0, sizeof(float) * q.nq * size_t(p.Lk));
+      visible_keys(p, sq, q.i0, q.i0 + q.nq, &q.kbeg, &q.kend);
+      // AMX tiles and K^T in BK-key panels are read by whole blocks: blocks
+      // start at multiples of BK, the per-row masks hide the keys outside
+      // [kbeg, kend).
+      if (amx || fp->kw == BK) q.kbeg = q.kbeg / BK * BK;
+      if (q.kbeg >= q.kend) continue;
+      const bool first = kbeg >= kend; // the first block that sees a key
+      kbeg = first || q.kbeg < kbeg ? q.kbeg : kbeg;
+      kend = first || q.kend > kend ? q.kend : kend;
+    }
+    if (nb == 0) return;
+    memset(dqa, 0, sizeof(float) * nb * BQ * Dp);
     const float slope = p.has_alibi ? per_head(a.fwd.alibi, p.alibi_strides, b, h) : 0.0f;
-    double dslope = 0.0;
-
-    long kbeg, kend;
-    visible_keys(p, sq, i0, i0 + nq, &kbeg, &kend);
 #if defined(__AMX_BF16__)
-    const AmxBlock ab = amx ? amx_block(b, h, hk, nq, ds) : AmxBlock{};
+    const AmxBlock ab = amx ? amx_block(b, h, hk, blk[0].nq, ds) : AmxBlock{};
 #endif
-    // AMX tiles and K^T in BK-key panels are read by whole blocks: blocks
-    // start at multiples of BK, the per-row masks hide the keys outside
-    // [kbeg, kend).
-    if (amx || fp->kw == BK) kbeg = kbeg / BK * BK;
     for (long j0 = kbeg; j0 < kend; j0 += BK) {
-      int nk = kend - j0 < BK ? int(kend - j0) : BK;
+      // Keys past a block's own range are hidden by its rows' masks (AMX:
+      // whole blocks up to Lk, as packed).
+      const long last = amx ? p.Lk : kend;
+      const int nk = last - j0 < BK ? int(last - j0) : BK;
+      const float *kt = nullptr, *vt = nullptr, *km = nullptr;
+      if (!amx) key_cols(b, hk, j0, kt, vt, km);
+      for (int t = 0; t < nb; ++t) {
+        QBlock& q = blk[t];
+        if (!ranges_meet(j0, j0 + nk, q.kbeg, q.kend)) continue;
+        float *qdqa = dqa + t * BQ * Dp, *qlse = lse + t * BQ, *qdel = del + t * BQ;
 #if defined(__AMX_BF16__)
-      if (amx) {
-        nk = p.Lk - j0 < BK ? int(p.Lk - j0) : BK;
-        amx_scores(ab.qh, ab.kv, i0, ab.rows, j0, s, dp);
-        probabilities(sq, b, h, i0, nq, j0, nk, slope, lse, del, s, dp, cap);
-      } else
+        if (amx) {
+          amx_scores(ab.qh, ab.kv, q.i0, ab.rows, j0, s, dp);
+          probabilities(sq, b, h, q.i0, q.nq, j0, nk, slope, qlse, qdel, s, dp, cap);
+        } else
 #endif
-      {
-        key_cols(b, hk, j0, kt, vt, km);
-        scores(sq, b, h, i0, nq, j0, nk, slope, qf, dof, kt, vt, fp->kw, lse, del, s, dp, cap);
-      }
-      score_grads(sq, b, h, i0, nq, j0, nk, dp, &dslope);
-      if (p.softcap > 0.0f) softcap_chain(nq, dp, cap);
+        {
+          scores(sq, b, h, q.i0, q.nq, j0, nk, slope, q.qf, q.dof, kt, vt, fp->kw, qlse, qdel, s,
+                 dp, cap);
+        }
+        score_grads(sq, b, h, q.i0, q.nq, j0, nk, dp, &q.dslope);
+        if (p.softcap > 0.0f) softcap_chain(q.nq, dp, cap);
 #if defined(__AMX_BF16__)
-      if (amx) { // dQ += dS K
-        for (int i = 0; i < nq; ++i) to_bf16(dp + i * BK, BK, ab.ds16 + i * BK);
-        gemm_ab(ab.ds16, ab.rows, amx->kr + amx->key_d(ab.kv), amx->dp, j0, tmp);
-        for (int i = 0; i < nq; ++i)
-          for (int d = 0; d < Dp; d += 16)
-            store16(dqa + i * Dp + d, load16(dqa + i * Dp + d) + load16(tmp + i * amx->dp + d));
-        continue;
-      }
+        if (amx) { // dQ += dS K
+          for (int i = 0; i < q.nq; ++i) to_bf16(dp + i * BK, BK, ab.ds16 + i * BK);
+          gemm_ab(ab.ds16, ab.rows, amx->kr + amx->key_d(ab.kv), amx->dp, j0, tmp);
+          for (int i = 0; i < q.nq; ++i)
+            for (int d = 0; d < Dp; d += 16)
+              store16(qdqa + i * Dp + d, load16(qdqa + i * Dp + d) + load16(tmp + i * amx->dp + d));
+          continue;
+        }
 #endif
-      for_row_blocks(nq, [&]<int R>(int i) {
-        pv_block<R>(dp + i * BK, BK, 1, nullptr, km, Dp, 16, Dp, nk, dqa + i * Dp);
-      });
+        for_row_blocks(q.nq, [&]<int R>(int i) {
+          pv_block<R>(dp + i * BK, BK, 1, nullptr, km, Dp, 16, Dp, nk, qdqa + i * Dp);
+        });
+      }
     }
 #if defined(__AMX_BF16__)
     if (amx) tiles_end();
 #endif
-
-    write_dq(b, h, i0, nq, dqa, lse, del, dslope, qb);
+    for (int t = 0; t < nb; ++t)
+      write_dq(b, h, blk[t].i0, blk[t].nq, dqa + t * BQ * Dp, lse + t * BQ, del + t * BQ,
+               blk[t].dslope, qt * nqs + t);
   }
 
   // --- dK/dV pass: key blocks [kb * nkb, kb * nkb + nkb) of kv head hk in
@@ -598,10 +628,18 @@ void run_heads(const Backward<T>& bw, int64_t first, int64_t n, int nkb, bool fu
     });
     return;
   }
-  parallel(n * p.gqa_ratio * nseq * nqb, [&](int64_t t) {
-    const int qb = nqb - 1 - int(t % nqb), s = int(t / nqb % nseq);
-    const int64_t qh = first * p.gqa_ratio + t / nqb / nseq;
-    bw.dq_task(p.packed ? s : int(qh / p.Hq), int(qh % p.Hq), qb);
+  // kDqBlocks query blocks per dQ task (1 on AMX), fewer where that would
+  // leave less than 4 tasks per thread.
+  const int64_t nqh = n * p.gqa_ratio * nseq;
+  int nqs = bw.amx ? 1 : kDqBlocks, nqt;
+  for (;; nqs /= 2) {
+    nqt = (nqb + nqs - 1) / nqs;
+    if (nqs == 1 || nqh * nqt >= 4 * num_threads()) break;
+  }
+  parallel(nqh * nqt, [&](int64_t t) {
+    const int qt = nqt - 1 - int(t % nqt), s = int(t / nqt % nseq);
+    const int64_t qh = first * p.gqa_ratio + t / nqt / nseq;
+    bw.dq_task(p.packed ? s : int(qh / p.Hq), int(qh % p.Hq), qt, nqs);
   });
   parallel(n * nseq * nkb, [&](int64_t t) {
     const int kb = int(t % nkb), s = int(t / nkb % nseq);

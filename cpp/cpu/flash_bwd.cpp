@@ -274,10 +274,7 @@ struct Backward {
       // start at multiples of BK, the per-row masks hide the keys outside
       // [kbeg, kend).
       if (amx || fp->kw == BK) q.kbeg = q.kbeg / BK * BK;
-      if (q.kbeg >= q.kend) continue;
-      const bool first = kbeg >= kend; // the first block that sees a key
-      kbeg = first || q.kbeg < kbeg ? q.kbeg : kbeg;
-      kend = first || q.kend > kend ? q.kend : kend;
+      widen(q.kbeg, q.kend, &kbeg, &kend);
     }
     if (nb == 0) return;
     memset(dqa, 0, sizeof(float) * nb * BQ * Dp);

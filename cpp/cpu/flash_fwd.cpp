@@ -136,10 +136,7 @@ struct Task {
       // Converted K^T is read by whole blocks: start at one, the per-row
       // masks hide the keys before kbeg.
       if (kv.kt) q.kbeg = q.kbeg / BK * BK;
-      if (q.kbeg >= q.kend) continue;
-      const bool first = kbeg >= kend; // the first block that sees a key
-      kbeg = first || q.kbeg < kbeg ? q.kbeg : kbeg;
-      kend = first || q.kend > kend ? q.kend : kend;
+      widen(q.kbeg, q.kend, &kbeg, &kend);
     }
     if (nb == 0) return;
     if (split.n > 1) { // this chunk of whole blocks

@@ -597,6 +597,15 @@ inline bool ranges_meet(long a0, long a1, long b0, long b1) {
   return a0 < a1 && b0 < b1 && a0 < b1 && b0 < a1;
 }
 
+// Widens [*beg, *end) to cover [b0, b1) (either may be empty): the keys
+// that some query block of a task sees.
+inline void widen(long b0, long b1, long* beg, long* end) {
+  if (b0 >= b1) return;
+  const bool first = *beg >= *end;
+  *beg = first || b0 < *beg ? b0 : *beg;
+  *end = first || b1 > *end ? b1 : *end;
+}
+
 // Queries [*beg, *end) that may see some key in [j0, j1).
 inline void visible_queries(const FlashParams& p, const Seq& sq, long j0, long j1, long* beg,
                             long* end) {

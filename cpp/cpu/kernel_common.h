@@ -325,8 +325,8 @@ FA_GEMM void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const
 }
 
 // pv_rows over all n columns of V (row stride ldv, column chunks vcs apart)
-// and O (row stride n; n a multiple of 16), in chunks of at most 16 * CHUNK columns to stay in
-// registers.
+// and O (row stride n; n a multiple of 16), in chunks of at most 16 * CHUNK
+// columns to stay in registers.
 template <int R>
 FA_GEMM void pv_block(const float* p, int ldp, int ldj, const float* alpha, const float* v,
                       int ldv, int vcs, int n, int nk, float* o) {

@@ -174,6 +174,14 @@ def test_everything_combined(rng, dtype, Lq, Lk):
     )
 
 
+def test_empty_batch(rng):
+    """No batch entries: empty outputs and gradients, no crash."""
+    q = rand(rng, (0, 4, 70, 64), mx.float32)
+    out = fa.attention(q, q, q)
+    grads = mx.grad(lambda q, k, v: fa.attention(q, k, v).sum(), argnums=(0, 1, 2))(q, q, q)
+    assert out.shape == q.shape and all(g.shape == q.shape for g in grads)
+
+
 def test_fully_masked_rows_get_zero_gradient(rng):
     """Lq > Lk causal: the first Lq - Lk queries see nothing."""
     q, k, v = (rand(rng, (1, 2, 20 if i == 0 else 10, 32), mx.float32) for i in range(3))

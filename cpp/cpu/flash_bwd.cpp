@@ -29,7 +29,7 @@ namespace {
 // 15% faster than one block; no clear change at 256-2k keys).
 constexpr int kFusedKeyBlocks = 4;
 // Query blocks per dQ task of the two-pass backward, at most, for the same
-// reason: K, V and K^T are streamed in once for all of them.
+// reason: K^T, V^T and K rows are streamed in once for all of them.
 constexpr int kDqBlocks = 4;
 
 inline int pad16(int n) {

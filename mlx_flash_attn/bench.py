@@ -267,9 +267,12 @@ def main(argv=None):
                 vs[peer] = r[peer][0] / ours
                 speedups.setdefault((peer, ps), []).append(vs[peer])
         gf = f / ours / 1e6
-        # A 16-bit dtype can always be computed in float32: its ceiling is
-        # the faster of the two (CPUs without bfloat16 arithmetic).
-        ceil = max(r.get("ceil", float("nan")), ceilings.get(dtype, 0.0))
+        # The row's own float32 ceiling (the start's without PyTorch's
+        # timings). A 16-bit dtype can always be computed in float32: its
+        # ceiling is the faster of the two (CPUs without bfloat16 arithmetic).
+        ceil = r.get("ceil", ceilings["float32"])
+        if dtype != "float32":
+            ceil = max(ceil, ceilings.get(dtype, 0.0))
         print(f"{cfg[0]:10s} {ps:7s} {dtype:8s} {str(causal and cfg[4] > 1):6s} "
               f"{fmt_time(r['ours'])} {fmt_time(r.get('mlx'))} {fmt_time(r.get('torch'))} "
               f"{vs.get('mlx', float('nan')):6.1f}x {vs.get('torch', float('nan')):7.2f}x "

@@ -560,12 +560,9 @@ void convert_kv(const Task<T>& task, const FloatKV& kv, int64_t n) {
                  p.D, p.k_strides[2], p.k_strides[3], 1.0f, lkp,
                  const_cast<float*>(x.kv.kt) + slot * size_t(lkp) * p.D, BK, nullptr, 0);
     if (x.kv.v)
-      for (int c = 0; c < p.Dv; c += 16)
-        convert_rows(static_cast<const T*>(x.t.a.v) + b * p.v_strides[0] + hk * p.v_strides[1] +
-                         c * p.v_strides[3],
-                     p.Lk, p.Dv - c < 16 ? p.Dv - c : 16, p.v_strides[2], p.v_strides[3], 1.0f,
-                     lkp, nullptr, 0,
-                     const_cast<float*>(x.kv.v) + (slot * size_t(dvp) + c) * lkp, 16);
+      convert_rows(static_cast<const T*>(x.t.a.v) + b * p.v_strides[0] + hk * p.v_strides[1], p.Lk,
+                   p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, lkp, nullptr, 0,
+                   const_cast<float*>(x.kv.v) + slot * size_t(dvp) * lkp, 16, size_t(lkp) * 16);
   }, &ctx);
 }
 

@@ -373,15 +373,18 @@ inline const float* transposed_at(const float* xt, long i, int xw, int d) {
 
 // Rows [0, np) of an (n x d) matrix X (element strides rs, cs) converted
 // to float32 times mul, zero past n rows: transposed into xt in panels of
-// xw rows (transposed_at), and as rows into xr (np x ldr, zero past d
-// columns); either may be null. How the kernels convert an operand once
-// per head. np is a multiple of xw and xw of 8: 8 rows at a time are
-// transposed in registers and written as one 8-float run per column (row
-// by row, every float written lands on another line).
+// xw rows (transposed_at), and as rows of ldr floats into xr, zero past d
+// columns; either may be null. ldr is a multiple of 16; where it is less
+// than d the columns go on in chunks of ldr, xcs floats apart (X[i][c] at
+// xr[(c / ldr) * xcs + i * ldr + c % ldr]). How the kernels convert an
+// operand once per head. np is a multiple of xw and xw of 8: 8 rows at a
+// time are transposed in registers and written as one 8-float run per
+// column (row by row, every float written lands on another line).
 template <typename T>
 inline void convert_rows(const T* x, long n, int d, fa_index_t rs, fa_index_t cs, float mul,
-                         int np, float* xt, int xw, float* xr, int ldr) {
-  const int d8 = (d + 7) / 8 * 8;
+                         int np, float* xt, int xw, float* xr, int ldr, size_t xcs = 0) {
+  const int d8 = (d + 7) / 8 * 8, d16 = (d + 15) / 16 * 16;
+  const int w = ldr < d ? d16 : ldr; // columns of xr written per row
   float rows[8][FA_MAX_HEAD_DIM];
   for (int i0 = 0; i0 < np; i0 += 8) {
     for (int t = 0; t < 8; ++t) {
@@ -390,11 +393,12 @@ inline void convert_rows(const T* x, long n, int d, fa_index_t rs, fa_index_t cs
         load_row(x + i * rs, cs, d, mul, rows[t]);
       else
         memset(rows[t], 0, sizeof(float) * d);
-      for (int c = d; c < d8; ++c) rows[t][c] = 0.0f;
-      if (xr) {
-        memcpy(xr + size_t(i) * ldr, rows[t], sizeof(float) * d);
-        for (int c = d; c < ldr; ++c) xr[size_t(i) * ldr + c] = 0.0f;
-      }
+      for (int c = d; c < d16; ++c) rows[t][c] = 0.0f;
+      // 16-float stores (a memcpy of d floats was a libc call per row).
+      if (xr)
+        for (int c = 0; c < w; c += 16)
+          store16(xr + c / ldr * xcs + size_t(i) * ldr + c % ldr,
+                  c < d16 ? load16(rows[t] + c) : vf16{});
     }
     if (!xt) continue;
     float* panel = const_cast<float*>(transposed_at(xt, i0, xw, d));

@@ -277,13 +277,14 @@ inline void load_row(const T* src, fa_index_t stride, int n, float mul, float* d
 // ---------------------------------------------------------------------------
 #define FA_GEMM inline __attribute__((always_inline))
 
-// S[r][0:BK] = sum_d Q[r][d] * Kt[d][0:BK] for R rows; Kt has row stride
-// ldk. Key chunks of 16 * CHUNK, each a pass over d with R x CHUNK
-// accumulators.
+// S[r][c0:c1] = sum_d Q[r][d] * Kt[d][c0:c1] for R rows (c0, c1 multiples
+// of 16 * CHUNK within BK; the other columns are left as they are); Kt has
+// row stride ldk. Key chunks of 16 * CHUNK, each a pass over d with R x
+// CHUNK accumulators.
 template <int R>
 __attribute__((noinline)) void qk_rows(const float* q, int ldq, const float* kt, int ldk, int D,
-                                       float* s) {
-  for (int c0 = 0; c0 < BK; c0 += 16 * CHUNK) {
+                                       float* s, int c0 = 0, int c1 = BK) {
+  for (; c0 < c1; c0 += 16 * CHUNK) {
     vf16 acc[R][CHUNK];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < CHUNK; ++c) acc[r][c] = vf16{};
@@ -607,6 +608,21 @@ inline void visible_keys(const FlashParams& p, const Seq& sq, long i0, long i1, 
 // a block pair a task may skip.
 inline bool ranges_meet(long a0, long a1, long b0, long b1) {
   return a0 < a1 && b0 < b1 && a0 < b1 && b0 < a1;
+}
+
+// Columns [*c0, *c1) of key block [j0, j0 + nk) that some query in [i0, i1)
+// may see, widened to whole chunks of w (a divisor of BK): what a register
+// block of rows computes of S and of P V. On the diagonal of a causal or
+// window mask that is part of the block; the masks make the other columns
+// -inf in S (apply_bias_and_mask), so 0 in P.
+inline void visible_cols(const FlashParams& p, const Seq& sq, long i0, long i1, long j0, int nk,
+                         int w, int* c0, int* c1) {
+  long beg, end;
+  visible_keys(p, sq, i0, i1, &beg, &end);
+  beg = beg < j0 ? 0 : beg - j0;
+  end = end > j0 + nk ? nk : end - j0;
+  *c0 = end <= beg ? 0 : int(beg) / w * w;
+  *c1 = end <= beg ? 0 : (int(end) + w - 1) / w * w;
 }
 
 // Widens [*beg, *end) to cover [b0, b1) (either may be empty): the keys

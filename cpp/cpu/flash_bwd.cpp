@@ -120,8 +120,10 @@ struct Backward {
               const float* lse, const float* del, float* s, float* dp, float* cap) const {
     const int Dp = pad16(p.D), dvp = pad16(p.Dv);
     for_row_blocks(nq, [&]<int R>(int i) {
-      qk_rows<R>(qf + i * Dp, Dp, kt, ldk, p.D, s + i * BK);
-      qk_rows<R>(dof + i * dvp, dvp, vt, ldk, p.Dv, dp + i * BK);
+      int c0, c1;
+      visible_cols(p, sq, i0 + i, i0 + i + R, j0, nk, 16 * CHUNK, &c0, &c1);
+      qk_rows<R>(qf + i * Dp, Dp, kt, ldk, p.D, s + i * BK, c0, c1);
+      qk_rows<R>(dof + i * dvp, dvp, vt, ldk, p.Dv, dp + i * BK, c0, c1);
     });
     probabilities(sq, b, h, i0, nq, j0, nk, slope, lse, del, s, dp, cap);
   }
@@ -175,6 +177,18 @@ struct Backward {
         vf16 t = load16(cap + i * BK + c) * inv;
         store16(dp + i * BK + c, load16(dp + i * BK + c) * (one - t * t));
       }
+  }
+
+  // dQ rows [i, i + R) of the block of query rows from i0 (dqa, row stride
+  // Dp) += dS K over the keys of block [j0, j0 + nk) they see (dS is 0 at
+  // the others); K rows km from key j0.
+  template <int R>
+  void dq_rows(const Seq& sq, long i0, int i, long j0, int nk, const float* ds, const float* km,
+               float* dqa) const {
+    const int Dp = pad16(p.D);
+    int c0, c1;
+    visible_cols(p, sq, i0 + i, i0 + i + R, j0, nk, 1, &c0, &c1);
+    pv_block<R>(ds + i * BK + c0, BK, 1, nullptr, km + c0 * Dp, Dp, 16, Dp, c1 - c0, dqa + i * Dp);
   }
 
 #if defined(__AMX_BF16__)
@@ -315,9 +329,7 @@ struct Backward {
           continue;
         }
 #endif
-        for_row_blocks(q.nq, [&]<int R>(int i) {
-          pv_block<R>(dp + i * BK, BK, 1, nullptr, km, Dp, 16, Dp, nk, qdqa + i * Dp);
-        });
+        for_row_blocks(q.nq, [&]<int R>(int i) { dq_rows<R>(sq, q.i0, i, j0, nk, dp, km, qdqa); });
       }
     }
 #if defined(__AMX_BF16__)
@@ -381,14 +393,18 @@ struct Backward {
           // dV += P^T dO and dK += dS^T Q, reading P and dS transposed.
           float *dvj = dva + jb * dvp, *dkj = dka + jb * Dp;
           for_row_blocks(nkj, [&]<int R>(int j) {
-            pv_block<R>(s + j, 1, BK, nullptr, dof, dvp, 16, dvp, nq, dvj + j * dvp);
-            pv_block<R>(dp + j, 1, BK, nullptr, qf, Dp, 16, Dp, nq, dkj + j * Dp);
+            long qbeg, qend; // the rows that see keys [j, j + R): P and dS are 0 elsewhere
+            visible_queries(p, sq, j0 + jb + j, j0 + jb + j + R, &qbeg, &qend);
+            int r0, r1;
+            block_span(qbeg, qend, i0, nq, 1, &r0, &r1);
+            pv_block<R>(s + r0 * BK + j, 1, BK, nullptr, dof + r0 * dvp, dvp, 16, dvp, r1 - r0,
+                        dvj + j * dvp);
+            pv_block<R>(dp + r0 * BK + j, 1, BK, nullptr, qf + r0 * Dp, Dp, 16, Dp, r1 - r0,
+                        dkj + j * Dp);
           });
           if (fz) {
             float* dqa = fz->dqa + (hh * fz->rows + (i0 - sq.qrows_begin)) * Dp;
-            for_row_blocks(nq, [&]<int R>(int i) {
-              pv_block<R>(dp + i * BK, BK, 1, nullptr, km, Dp, 16, Dp, nkj, dqa + i * Dp);
-            });
+            for_row_blocks(nq, [&]<int R>(int i) { dq_rows<R>(sq, i0, i, j0 + jb, nkj, dp, km, dqa); });
           }
         }
       }

@@ -198,29 +198,28 @@ struct Task {
         if (!ranges_meet(j0, j0 + nk, q.kbeg, q.kend)) continue;
         const float* qrows = qf + q.r0 * D;
         float* ob = o + q.r0 * dvp;
-        // The key columns rows [r, r + R) see (visible_cols; rows of two
-        // heads: all the block's queries).
-        auto cols = [&](int r, int R, int* c0, int* c1) {
+        // The key columns rows [r, r + R) see, in chunks of w (visible_cols;
+        // rows of two heads: all the block's queries).
+        auto cols = [&](int r, int R, int w, int* c0, int* c1) {
           const bool one_head = r / q.nqh == (r + R - 1) / q.nqh;
           const long i = q.i0 + (one_head ? r % q.nqh : 0);
-          visible_cols(p, sq, i, one_head ? i + R : q.i0 + q.nqh, j0, nk, 16 * CHUNK, c0, c1);
+          visible_cols(p, sq, i, one_head ? i + R : q.i0 + q.nqh, j0, nk, w, c0, c1);
         };
         if (few_rows)
           qk_direct(qrows, q.nq, k, j0, nk, s);
         else
           for_row_blocks(q.nq, [&]<int R>(int i) {
             int c0, c1;
-            cols(i, R, &c0, &c1);
+            cols(i, R, 16 * CHUNK, &c0, &c1);
             qk_rows<R>(qrows + i * D, D, ktb, BK, D, s + i * BK, c0, c1);
           });
         probabilities(b, sq, h0, q.nqh, q.i0, q.nq, j0, nk, s, m + q.r0, l + q.r0 * 16,
                       alpha + q.r0);
         for_row_blocks(q.nq, [&]<int R>(int i) {
-          int c0 = 0, c1 = nk;
-          if (!few_rows) cols(i, R, &c0, &c1);
-          c1 = c1 < nk ? c1 : nk;
+          int c0, c1;
+          cols(i, R, 1, &c0, &c1);
           pv_block<R>(s + i * BK + c0, BK, 1, alpha + q.r0 + i, vb + c0 * ldv, ldv, vcs, dvp,
-                      c1 > c0 ? c1 - c0 : 0, ob + i * dvp);
+                      c1 - c0, ob + i * dvp);
         });
       }
     }

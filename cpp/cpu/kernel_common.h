@@ -277,19 +277,20 @@ inline void load_row(const T* src, fa_index_t stride, int n, float mul, float* d
 // ---------------------------------------------------------------------------
 #define FA_GEMM inline __attribute__((always_inline))
 
-// S[r][c0:c1] = sum_d Q[r][d] * Kt[d][c0:c1] for R rows (c0, c1 multiples
-// of 16 * CHUNK within BK; the other columns are left as they are); Kt has
-// row stride ldk. Key chunks of 16 * CHUNK, each a pass over d with R x
-// CHUNK accumulators.
+// S[r][c0:c1] = sum_d Q[r][d] * Kt[d][c0:c1] for R rows, the other columns
+// of [0, BK) set to 0 (c0, c1 multiples of 16 * CHUNK); Kt has row stride
+// ldk. Key chunks of 16 * CHUNK, each a pass over d with R x CHUNK
+// accumulators.
 template <int R>
 __attribute__((noinline)) void qk_rows(const float* q, int ldq, const float* kt, int ldk, int D,
                                        float* s, int c0 = 0, int c1 = BK) {
-  for (; c0 < c1; c0 += 16 * CHUNK) {
+  for (int k0 = 0; k0 < BK; k0 += 16 * CHUNK) {
     vf16 acc[R][CHUNK];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < CHUNK; ++c) acc[r][c] = vf16{};
-    for (int d = 0; d < D; ++d) {
-      const float* kd = kt + size_t(d) * ldk + c0;
+    const int dn = k0 >= c0 && k0 < c1 ? D : 0; // no pass: zeros
+    for (int d = 0; d < dn; ++d) {
+      const float* kd = kt + size_t(d) * ldk + k0;
       vf16 kv[CHUNK];
       for (int c = 0; c < CHUNK; ++c) kv[c] = load16(kd + c * 16);
       for (int r = 0; r < R; ++r) {
@@ -298,7 +299,7 @@ __attribute__((noinline)) void qk_rows(const float* q, int ldq, const float* kt,
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < CHUNK; ++c) store16(s + r * BK + c0 + c * 16, acc[r][c]);
+      for (int c = 0; c < CHUNK; ++c) store16(s + r * BK + k0 + c * 16, acc[r][c]);
   }
 }
 
@@ -610,19 +611,26 @@ inline bool ranges_meet(long a0, long a1, long b0, long b1) {
   return a0 < a1 && b0 < b1 && a0 < b1 && b0 < a1;
 }
 
+// The part of [beg, end) in block [base, base + n), relative to base and
+// widened to whole chunks of w (a divisor of BK; the end may then pass n):
+// the columns (or rows) of a block that a register block must compute.
+inline void block_span(long beg, long end, long base, int n, int w, int* c0, int* c1) {
+  beg = beg < base ? 0 : beg - base;
+  end = end > base + n ? n : end - base;
+  *c0 = end <= beg ? 0 : int(beg) / w * w;
+  *c1 = end <= beg ? 0 : (int(end) + w - 1) / w * w;
+}
+
 // Columns [*c0, *c1) of key block [j0, j0 + nk) that some query in [i0, i1)
-// may see, widened to whole chunks of w (a divisor of BK): what a register
-// block of rows computes of S and of P V. On the diagonal of a causal or
-// window mask that is part of the block; the masks make the other columns
-// -inf in S (apply_bias_and_mask), so 0 in P.
+// may see, in chunks of w (block_span): what a register block of rows
+// computes of S (and dP) and of P V (and dS K). On the diagonal of a causal
+// or window mask that is part of the block; the masks make the other
+// columns -inf in S (apply_bias_and_mask), so 0 in P and dS.
 inline void visible_cols(const FlashParams& p, const Seq& sq, long i0, long i1, long j0, int nk,
                          int w, int* c0, int* c1) {
   long beg, end;
   visible_keys(p, sq, i0, i1, &beg, &end);
-  beg = beg < j0 ? 0 : beg - j0;
-  end = end > j0 + nk ? nk : end - j0;
-  *c0 = end <= beg ? 0 : int(beg) / w * w;
-  *c1 = end <= beg ? 0 : (int(end) + w - 1) / w * w;
+  block_span(beg, end, j0, nk, w, c0, c1);
 }
 
 // Widens [*beg, *end) to cover [b0, b1) (either may be empty): the keys

@@ -183,7 +183,7 @@ struct Backward {
   // Dp) += dS K over the keys of block [j0, j0 + nk) they see (dS is 0 at
   // the others); K rows km from key j0.
   template <int R>
-  void dq_rows(const Seq& sq, long i0, int i, long j0, int nk, const float* ds, const float* km,
+  FA_GEMM void dq_rows(const Seq& sq, long i0, int i, long j0, int nk, const float* ds, const float* km,
                float* dqa) const {
     const int Dp = pad16(p.D);
     int c0, c1;

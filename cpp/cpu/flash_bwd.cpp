@@ -183,8 +183,8 @@ struct Backward {
   // Dp) += dS K over the keys of block [j0, j0 + nk) they see (dS is 0 at
   // the others); K rows km from key j0.
   template <int R>
-  FA_GEMM void dq_rows(const Seq& sq, long i0, int i, long j0, int nk, const float* ds, const float* km,
-               float* dqa) const {
+  FA_GEMM void dq_rows(const Seq& sq, long i0, int i, long j0, int nk, const float* ds,
+                       const float* km, float* dqa) const {
     const int Dp = pad16(p.D);
     int c0, c1;
     visible_cols(p, sq, i0 + i, i0 + i + R, j0, nk, 1, &c0, &c1);
@@ -404,7 +404,9 @@ struct Backward {
           });
           if (fz) {
             float* dqa = fz->dqa + (hh * fz->rows + (i0 - sq.qrows_begin)) * Dp;
-            for_row_blocks(nq, [&]<int R>(int i) { dq_rows<R>(sq, i0, i, j0 + jb, nkj, dp, km, dqa); });
+            for_row_blocks(nq, [&]<int R>(int i) {
+              dq_rows<R>(sq, i0, i, j0 + jb, nkj, dp, km, dqa);
+            });
           }
         }
       }

@@ -601,7 +601,6 @@ void run_all(const ForwardArgs& a) {
     if (task.nsub == 1 || nkv * order.per_kv_head() >= 4 * num_threads()) break;
   }
   task.nsub = (nqb + order.nqt - 1) / order.nqt; // evened out: 3 + 3 blocks, not 4 + 2
-
   const int64_t per_kv = order.per_kv_head();
   FloatKV& kv = task.kv;
   const int dvp = (p.Dv + 15) / 16 * 16;

@@ -112,7 +112,8 @@ struct Backward {
     km = fp->km + (kv * fp->lkp + j0) * pad16(p.D);
   }
 
-  // S = Qs K^T and dP = dO V^T for one (query block, key block) pair, then
+  // S = Qs K^T and dP = dO V^T for one (query block, key block) pair (each
+  // register block of rows only the keys it sees, visible_cols), then
   // S -> P and dP -> dS (the gradient of the score after softcap, i.e. of
   // the biases and additive mask). cap keeps the capped scores for tanh'.
   void scores(const Seq& sq, int b, int h, long i0, int nq, long j0, int nk, float slope,

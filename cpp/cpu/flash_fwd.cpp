@@ -6,7 +6,8 @@
 // (softcap, ALiBi, masks, window), an online softmax in float32 and O += P V,
 // so memory stays O(BQ x (D + BK)) per query block and no L x L matrix
 // exists. Pairs of blocks wholly outside the causal/sliding window are never
-// visited.
+// visited; on the blocks the window's edge crosses, each register block of
+// rows computes only the keys it sees (visible_cols).
 //
 // This file is compiled once per instruction set with FA_ISA set to that
 // set's namespace (avx512, avx2, generic); GCC/Clang vector extensions map

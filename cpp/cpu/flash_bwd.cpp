@@ -123,8 +123,8 @@ struct Backward {
     for_row_blocks(nq, [&]<int R>(int i) {
       int c0, c1;
       visible_cols(p, sq, i0 + i, i0 + i + R, j0, nk, 16 * CHUNK, &c0, &c1);
-      qk_rows<R>(qf + i * Dp, Dp, kt, ldk, p.D, s + i * BK, c0, c1);
-      qk_rows<R>(dof + i * dvp, dvp, vt, ldk, p.Dv, dp + i * BK, c0, c1);
+      qk_rows<R>(qf + i * Dp, Dp, kt, ldk, 16, p.D, s + i * BK, c0, c1);
+      qk_rows<R>(dof + i * dvp, dvp, vt, ldk, 16, p.Dv, dp + i * BK, c0, c1);
     });
     probabilities(sq, b, h, i0, nq, j0, nk, slope, lse, del, s, dp, cap);
   }

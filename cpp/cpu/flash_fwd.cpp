@@ -49,8 +49,9 @@ constexpr int kFewRows = 8;
 
 // K^T and V of K/V heads [first, first + n) (index (batch, K/V head), see
 // TaskOrder) converted to float32 once, for the tasks that share them (see
-// run_all): K^T as one D x BK block per BK keys (transposed_at; rows of a
-// D x lkp matrix would lie on as many pages as D at long lengths), V as
+// run_all): K^T as one D x 16 panel per 16 keys (transposed_at), so a pass
+// of qk_rows over d reads one contiguous run (D x BK blocks, rows 256 bytes
+// apart: 3-6% slower at D = 128, where a block outgrows L1), V as
 // dvp / 16 column chunks of lkp x 16 (a PV pass reads one chunk of 64 rows:
 // contiguous, where rows 512+ bytes apart share a few L1 sets), keys padded
 // with zeros to a block multiple (tasks read whole blocks from a block
@@ -179,10 +180,12 @@ struct Task {
       // the block, which would be used by only those rows.
       const bool few_rows = nb == 1 && blk[0].nq < kFewRows && !kv.kt;
       const float *ktb = kt, *vb = vf;
-      int ldv = dvp, vcs = 16;
+      int ldk = BK, kcs = 16, ldv = dvp, vcs = 16;
       if (kv.kt) {
         const size_t slot = size_t(p.packed ? 0 : b) * p.Hk + hk - kv.first;
-        ktb = transposed_at(kv.kt + slot * kv.lkp * D, j0, BK, D);
+        ktb = transposed_at(kv.kt + slot * kv.lkp * D, j0, 16, D);
+        ldk = 16;
+        kcs = 16 * D;
         if (kv.v) {
           vb = kv.v + slot * kv.lkp * dvp + j0 * 16;
           ldv = 16;
@@ -212,7 +215,7 @@ struct Task {
           for_row_blocks(q.nq, [&]<int R>(int i) {
             int c0, c1;
             cols(i, R, 16 * CHUNK, &c0, &c1);
-            qk_rows<R>(qrows + i * D, D, ktb, BK, D, s + i * BK, c0, c1);
+            qk_rows<R>(qrows + i * D, D, ktb, ldk, kcs, D, s + i * BK, c0, c1);
           });
         probabilities(b, sq, h0, q.nqh, q.i0, q.nq, j0, nk, s, m + q.r0, l + q.r0 * 16,
                       alpha + q.r0);
@@ -571,7 +574,7 @@ void convert_kv(const Task<T>& task, const FloatKV& kv, int64_t n) {
     const int dvp = (p.Dv + 15) / 16 * 16;
     convert_rows(static_cast<const T*>(x.t.a.k) + b * p.k_strides[0] + hk * p.k_strides[1], p.Lk,
                  p.D, p.k_strides[2], p.k_strides[3], 1.0f, lkp,
-                 const_cast<float*>(x.kv.kt) + slot * size_t(lkp) * p.D, BK, nullptr, 0);
+                 const_cast<float*>(x.kv.kt) + slot * size_t(lkp) * p.D, 16, nullptr, 0);
     if (x.kv.v)
       convert_rows(static_cast<const T*>(x.t.a.v) + b * p.v_strides[0] + hk * p.v_strides[1], p.Lk,
                    p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, lkp, nullptr, 0,

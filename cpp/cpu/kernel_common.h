@@ -283,21 +283,22 @@ inline void load_row(const T* src, fa_index_t stride, int n, float mul, float* d
 #define FA_GEMM inline __attribute__((always_inline))
 
 // S[r][c0:c1] = sum_d Q[r][d] * Kt[d][c0:c1] for R rows, the other columns
-// of [0, BK) set to 0 (c0, c1 multiples of 16 * CHUNK); Kt has row stride
-// ldk. Key chunks of 16 * CHUNK, each a pass over d with R x CHUNK
-// accumulators.
+// of [0, BK) set to 0 (c0, c1 multiples of 16 * CHUNK). Kt's columns come
+// in chunks of 16, kcs floats apart, each with row stride ldk (a plain
+// row-major block: ldk = BK, kcs = 16). Key chunks of 16 * CHUNK, each a
+// pass over d with R x CHUNK accumulators.
 template <int R>
-__attribute__((noinline)) void qk_rows(const float* q, int ldq, const float* kt, int ldk, int D,
-                                       float* s, int c0 = 0, int c1 = BK) {
+__attribute__((noinline)) void qk_rows(const float* q, int ldq, const float* kt, int ldk, int kcs,
+                                       int D, float* s, int c0 = 0, int c1 = BK) {
   for (int k0 = 0; k0 < BK; k0 += 16 * CHUNK) {
     vf16 acc[R][CHUNK];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < CHUNK; ++c) acc[r][c] = vf16{};
     const int dn = k0 >= c0 && k0 < c1 ? D : 0; // no pass: zeros
     for (int d = 0; d < dn; ++d) {
-      const float* kd = kt + size_t(d) * ldk + k0;
+      const float* kd = kt + size_t(k0 / 16) * kcs + size_t(d) * ldk;
       vf16 kv[CHUNK];
-      for (int c = 0; c < CHUNK; ++c) kv[c] = load16(kd + c * 16);
+      for (int c = 0; c < CHUNK; ++c) kv[c] = load16(kd + c * kcs);
       for (int r = 0; r < R; ++r) {
         const vf16 qb = splat(q[r * ldq + d]);
         for (int c = 0; c < CHUNK; ++c) acc[r][c] += qb * kv[c];

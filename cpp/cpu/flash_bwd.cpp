@@ -103,7 +103,7 @@ struct Backward {
       del[i] = delta[row_index(b, h, i0 + i)];
     }
   }
-  // K^T, V^T (row stride fp->kw) and K rows from key j0 of K/V head hk.
+  // K^T, V^T (in panels of fp->kw keys) and K rows from key j0 of K/V head hk.
   void key_cols(int b, int hk, long j0, const float*& kt, const float*& vt,
                 const float*& km) const {
     const size_t kv = size_t(p.packed ? 0 : b) * p.Hk + hk - fp->kv_first;
@@ -117,14 +117,14 @@ struct Backward {
   // S -> P and dP -> dS (the gradient of the score after softcap, i.e. of
   // the biases and additive mask). cap keeps the capped scores for tanh'.
   void scores(const Seq& sq, int b, int h, long i0, int nq, long j0, int nk, float slope,
-              const float* qf, const float* dof, const float* kt, const float* vt, int ldk,
+              const float* qf, const float* dof, const float* kt, const float* vt, int kw,
               const float* lse, const float* del, float* s, float* dp, float* cap) const {
     const int Dp = pad16(p.D), dvp = pad16(p.Dv);
     for_row_blocks(nq, [&]<int R>(int i) {
       int c0, c1;
       visible_cols(p, sq, i0 + i, i0 + i + R, j0, nk, 16 * CHUNK, &c0, &c1);
-      qk_rows<R>(qf + i * Dp, Dp, kt, ldk, 16, p.D, s + i * BK, c0, c1);
-      qk_rows<R>(dof + i * dvp, dvp, vt, ldk, 16, p.Dv, dp + i * BK, c0, c1);
+      qk_rows<R>(qf + i * Dp, Dp, kt, kw, p.D, s + i * BK, c0, c1);
+      qk_rows<R>(dof + i * dvp, dvp, vt, kw, p.Dv, dp + i * BK, c0, c1);
     });
     probabilities(sq, b, h, i0, nq, j0, nk, slope, lse, del, s, dp, cap);
   }

@@ -180,12 +180,11 @@ struct Task {
       // the block, which would be used by only those rows.
       const bool few_rows = nb == 1 && blk[0].nq < kFewRows && !kv.kt;
       const float *ktb = kt, *vb = vf;
-      int ldk = BK, kcs = 16, ldv = dvp, vcs = 16;
+      int kw = BK, ldv = dvp, vcs = 16; // kw: K^T's panel width
       if (kv.kt) {
         const size_t slot = size_t(p.packed ? 0 : b) * p.Hk + hk - kv.first;
-        ktb = transposed_at(kv.kt + slot * kv.lkp * D, j0, 16, D);
-        ldk = 16;
-        kcs = 16 * D;
+        kw = 16;
+        ktb = transposed_at(kv.kt + slot * kv.lkp * D, j0, kw, D);
         if (kv.v) {
           vb = kv.v + slot * kv.lkp * dvp + j0 * 16;
           ldv = 16;
@@ -215,7 +214,7 @@ struct Task {
           for_row_blocks(q.nq, [&]<int R>(int i) {
             int c0, c1;
             cols(i, R, 16 * CHUNK, &c0, &c1);
-            qk_rows<R>(qrows + i * D, D, ktb, ldk, kcs, D, s + i * BK, c0, c1);
+            qk_rows<R>(qrows + i * D, D, ktb, kw, D, s + i * BK, c0, c1);
           });
         probabilities(b, sq, h0, q.nqh, q.i0, q.nq, j0, nk, s, m + q.r0, l + q.r0 * 16,
                       alpha + q.r0);

@@ -274,6 +274,13 @@ inline void load_row(const T* src, fa_index_t stride, int n, float mul, float* d
   }
 }
 
+// The transpose of an (n x d) matrix X in panels of xw rows of X, each a
+// d x xw block (xw = all rows: one plain d x n matrix): where X[i][0] is;
+// X[i][c] is xw floats further per column c.
+inline const float* transposed_at(const float* xt, long i, int xw, int d) {
+  return xt + size_t(i / xw) * xw * d + i % xw;
+}
+
 // ---------------------------------------------------------------------------
 // Block GEMMs. pv_rows is always inlined: each call site's constant strides
 // and null alpha then specialise its loop (GCC once kept it out of line in
@@ -284,22 +291,24 @@ inline void load_row(const T* src, fa_index_t stride, int n, float mul, float* d
 #define FA_GEMM inline __attribute__((always_inline))
 
 // S[r][c0:c1] = sum_d Q[r][d] * Kt[d][c0:c1] for R rows, the other columns
-// of [0, BK) set to 0 (c0, c1 multiples of 16 * CHUNK). Kt's columns come
-// in chunks of 16, kcs floats apart, each with row stride ldk (a plain
-// row-major block: ldk = BK, kcs = 16). Key chunks of 16 * CHUNK, each a
+// of [0, BK) set to 0 (c0, c1 multiples of 16 * CHUNK). Kt: the block's
+// keys in panels of xw (transposed_at; kt at a panel boundary, or within
+// one panel that holds the whole block). Key chunks of 16 * CHUNK, each a
 // pass over d with R x CHUNK accumulators.
 template <int R>
-__attribute__((noinline)) void qk_rows(const float* q, int ldq, const float* kt, int ldk, int kcs,
-                                       int D, float* s, int c0 = 0, int c1 = BK) {
+__attribute__((noinline)) void qk_rows(const float* q, int ldq, const float* kt, int xw, int D,
+                                       float* s, int c0 = 0, int c1 = BK) {
   for (int k0 = 0; k0 < BK; k0 += 16 * CHUNK) {
     vf16 acc[R][CHUNK];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < CHUNK; ++c) acc[r][c] = vf16{};
+    const float* kc[CHUNK];
+    for (int c = 0; c < CHUNK; ++c) {
+      kc[c] = transposed_at(kt, k0 + c * 16, xw, D);
+      for (int r = 0; r < R; ++r) acc[r][c] = vf16{};
+    }
     const int dn = k0 >= c0 && k0 < c1 ? D : 0; // no pass: zeros
     for (int d = 0; d < dn; ++d) {
-      const float* kd = kt + size_t(k0 / 16) * kcs + size_t(d) * ldk;
       vf16 kv[CHUNK];
-      for (int c = 0; c < CHUNK; ++c) kv[c] = load16(kd + c * kcs);
+      for (int c = 0; c < CHUNK; ++c) kv[c] = load16(kc[c] + size_t(d) * xw);
       for (int r = 0; r < R; ++r) {
         const vf16 qb = splat(q[r * ldq + d]);
         for (int c = 0; c < CHUNK; ++c) acc[r][c] += qb * kv[c];
@@ -371,13 +380,6 @@ inline void transpose8(vf8 (&r)[8]) {
     r[c] = __builtin_shufflevector(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
     r[c + 4] = __builtin_shufflevector(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
-}
-
-// The transpose of an (n x d) matrix X in panels of xw rows of X, each a
-// d x xw block (xw = all rows: one plain d x n matrix): where X[i][0] is;
-// X[i][c] is xw floats further per column c.
-inline const float* transposed_at(const float* xt, long i, int xw, int d) {
-  return xt + size_t(i / xw) * xw * d + i % xw;
 }
 
 // Rows [0, np) of an (n x d) matrix X (element strides rs, cs) converted

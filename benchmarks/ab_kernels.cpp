@@ -3,8 +3,9 @@
 // a shared machine's load drifts by 10-30% over seconds, which separate runs
 // cannot tell from a change of a few percent.
 //
-//   ab_kernels B H L D causal dtype iters [bwd [threads]]
-//   (dtype: 0 float32, 2 bfloat16; threads: 1 by default)
+//   ab_kernels B H L D causal dtype iters [bwd [threads [Hk [Lq]]]]
+//   (dtype: 0 float32, 2 bfloat16; threads: 1 by default; Hk: K/V heads,
+//   H by default (GQA); Lq: query rows, L by default: 1 times decoding)
 //
 // Prints the median and best time of each build, their ratio, and the
 // largest difference between the two builds' outputs (they should agree to
@@ -79,38 +80,46 @@ static float value(const std::vector<char>& a, size_t i, int dt) {
 
 int main(int argc, char** argv) {
   if (argc < 8) {
-    fprintf(stderr, "usage: %s B H L D causal dtype iters [bwd [threads]]\n", argv[0]);
+    fprintf(stderr, "usage: %s B H L D causal dtype iters [bwd [threads [Hk [Lq]]]]\n", argv[0]);
     return 2;
   }
   const int B = atoi(argv[1]), H = atoi(argv[2]), L = atoi(argv[3]), D = atoi(argv[4]);
   const int causal = atoi(argv[5]), dt = atoi(argv[6]), iters = atoi(argv[7]);
   const int bwd = argc > 8 && atoi(argv[8]);
   threads = argc > 9 ? atoi(argv[9]) : 1;
+  const int Hk = argc > 10 ? atoi(argv[10]) : H, Lq = argc > 11 ? atoi(argv[11]) : L;
   FlashParams p{};
   p.B = B;
-  p.Hq = p.Hk = H;
-  p.Lq = p.Lk = L;
+  p.Hq = H;
+  p.Hk = Hk;
+  p.Lq = Lq;
+  p.Lk = L;
   p.D = p.Dv = D;
-  p.gqa_ratio = 1;
-  const fa_index_t st[4] = {fa_index_t(H) * L * D, fa_index_t(L) * D, D, 1};
-  for (fa_index_t* s : {p.q_strides, p.k_strides, p.v_strides, p.do_strides})
-    memcpy(s, st, sizeof st);
-  const fa_index_t ls[3] = {fa_index_t(H) * L, L, 1};
+  p.gqa_ratio = H / Hk;
+  const fa_index_t qs[4] = {fa_index_t(H) * Lq * D, fa_index_t(Lq) * D, D, 1};
+  const fa_index_t ks[4] = {fa_index_t(Hk) * L * D, fa_index_t(L) * D, D, 1};
+  for (fa_index_t* s : {p.q_strides, p.do_strides}) memcpy(s, qs, sizeof qs);
+  for (fa_index_t* s : {p.k_strides, p.v_strides}) memcpy(s, ks, sizeof ks);
+  const fa_index_t ls[3] = {fa_index_t(H) * Lq, Lq, 1};
   memcpy(p.dlse_strides, ls, sizeof ls);
   p.scale = 1.0f / sqrtf(float(D));
   p.window_left = -1;
   p.window_right = causal ? 0 : -1;
-  p.max_rows_q = p.max_rows_k = L;
+  p.q_offset = L - Lq;
+  p.max_rows_q = Lq;
+  p.max_rows_k = L;
 
-  const size_t n = size_t(B) * H * L * D, es = dt == 0 ? 4 : 2;
-  std::vector<char> q(n * es), k(n * es), v(n * es), dout(n * es);
+  const size_t nq = size_t(B) * H * Lq * D, nk = size_t(B) * Hk * L * D, es = dt == 0 ? 4 : 2;
+  std::vector<char> q(nq * es), k(nk * es), v(nk * es), dout(nq * es);
   std::vector<char> out[2], dq[2], dk[2], dv[2];
-  for (int x = 0; x < 2; ++x)
-    for (auto* a : {&out[x], &dq[x], &dk[x], &dv[x]}) a->assign(n * es, 0);
-  std::vector<float> lse(size_t(B) * H * L), dlse(size_t(B) * H * L, 0.0f);
+  for (int x = 0; x < 2; ++x) {
+    for (auto* a : {&out[x], &dq[x]}) a->assign(nq * es, 0);
+    for (auto* a : {&dk[x], &dv[x]}) a->assign(nk * es, 0);
+  }
+  std::vector<float> lse(size_t(B) * H * Lq), dlse(size_t(B) * H * Lq, 0.0f);
   srand(1);
   for (auto* a : {&q, &k, &v, &dout})
-    for (size_t i = 0; i < n; ++i) {
+    for (size_t i = 0; i < a->size() / es; ++i) {
       const float f = rand() / float(RAND_MAX) * 2 - 1;
       uint32_t u;
       memcpy(&u, &f, 4);
@@ -142,17 +151,17 @@ int main(int argc, char** argv) {
   const std::vector<std::vector<char>*> outputs =
       bwd ? std::vector<std::vector<char>*>{dq, dk, dv} : std::vector<std::vector<char>*>{out};
   for (auto* pair : outputs)
-    for (size_t i = 0; i < n; ++i)
+    for (size_t i = 0; i < pair[0].size() / es; ++i)
       diff = std::max(diff, double(fabsf(value(pair[0], i, dt) - value(pair[1], i, dt))));
-  const double flop = 4.0 * B * H * double(L) * L * D / (causal ? 2 : 1) * (bwd ? 2.5 : 1);
+  const double flop = 4.0 * B * H * double(Lq) * L * D / (causal && Lq > 1 ? 2 : 1) * (bwd ? 2.5 : 1);
   double med[2];
   for (int x = 0; x < 2; ++x) {
     std::sort(t[x].begin(), t[x].end());
     med[x] = t[x][t[x].size() / 2];
   }
-  printf("%s B%d H%d L%d D%d %s %s, %d thread(s): A %.3f ms (best %.3f, %.1f GFLOP/s) | "
+  printf("%s B%d H%d/%d Lq%d Lk%d D%d %s %s, %d thread(s): A %.3f ms (best %.3f, %.1f GFLOP/s) | "
          "B %.3f ms (best %.3f, %.1f GFLOP/s) | B/A %.3f | max |A-B| %.2g\n",
-         bwd ? "bwd" : "fwd", B, H, L, D, causal ? "causal" : "full", dt ? "bf16" : "f32", threads,
+         bwd ? "bwd" : "fwd", B, H, Hk, Lq, L, D, causal ? "causal" : "full", dt ? "bf16" : "f32", threads,
          med[0] * 1e3, t[0][0] * 1e3, flop / med[0] / 1e9, med[1] * 1e3, t[1][0] * 1e3,
          flop / med[1] / 1e9, med[1] / med[0], diff);
   return 0;

@@ -199,6 +199,16 @@ def test_decode_split_keys(rng, dtype, opts):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opts", [{}, {"causal": True, "window_size": (2000, 0)}],
+                         ids=["full", "window"])
+def test_decode_streamed_kv(rng, dtype, opts):
+    """Decoding with a long cache (one task per K/V head, no split): each
+    task's K and V outgrow the caches, so the CPU kernel prefetches them a
+    block ahead, up to the last key (3001: a partial last block)."""
+    run_and_check(rng, dtype, B=1, Hq=8, Hk=4, Lq=1, Lk=3001, D=128, **opts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_long_keys_converted_in_waves(rng, dtype):
     """One K/V head's float32 copy (9k keys x D 128) fills most of the CPU
     kernel's 16 MiB budget, so its 8 K/V heads are converted a few at a

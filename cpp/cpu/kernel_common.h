@@ -274,6 +274,13 @@ inline void load_row(const T* src, fa_index_t stride, int n, float mul, float* d
   }
 }
 
+// Prefetches the cache lines of n contiguous elements into L1.
+template <typename T>
+inline void prefetch(const T* src, int n) {
+  for (size_t i = 0; i < n * sizeof(T); i += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(src) + i);
+}
+
 // The transpose of an (n x d) matrix X in panels of xw rows of X, each a
 // d x xw block (xw = all rows: one plain d x n matrix): where X[i][0] is;
 // X[i][c] is xw floats further per column c.

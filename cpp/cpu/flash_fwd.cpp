@@ -314,7 +314,7 @@ struct Task {
   // from memory, once) it prefetches this block's K rows, which the QK
   // product reads next, and the next block's V rows: the hardware
   // prefetchers alone kept two threads at 14 GB/s of the 23-32 this
-  // machine streams (decoding float32, 4k-32k keys: 18-22% faster). In the
+  // machine streams (decoding float32, 4k-32k keys: 14-20% faster). In the
   // caches the prefetches only cost (bfloat16, 2k keys: 13% slower).
   void load_kv(const T* k, const T* v, long j0, int nk, bool stream, float* kt, float* vf,
                int dvp) const {

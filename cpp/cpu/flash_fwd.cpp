@@ -313,18 +313,19 @@ struct Task {
   // Converts keys [j0, j0 + nk) to float: K transposed (D x BK) unless kt
   // is null, V (BK x dvp), zero-padded so the fixed-width GEMMs read
   // defined values. With `stream` (K and V larger than the caches: read
-  // from memory, once) it prefetches this block's K rows, which the QK
-  // product reads next, and the next block's V rows: the hardware
-  // prefetchers alone kept two threads at 14 GB/s of the 23-32 this
-  // machine streams (decoding float32, 4k-32k keys: 14-20% faster). In the
-  // caches the prefetches only cost (bfloat16, 2k keys: 13% slower).
+  // from memory, once) it prefetches the next block's V rows and, where it
+  // does not transpose K here, this block's K rows, which the QK product
+  // reads next (qk_direct): the hardware prefetchers alone kept two
+  // threads at 14 GB/s of the 23-32 this machine streams (decoding
+  // float32, 4k-32k keys: 14-20% faster). In the caches the prefetches
+  // only cost (bfloat16, 2k keys: 13% slower).
   void load_kv(const T* k, const T* v, long j0, int nk, bool stream, float* kt, float* vf,
                int dvp) const {
     const int D = p.D, Dv = p.Dv;
     float row[FA_MAX_HEAD_DIM];
     for (int j = 0; j < nk; ++j) {
       if (stream) {
-        if (p.k_strides[3] == 1) prefetch(k + (j0 + j) * p.k_strides[2], D);
+        if (!kt && p.k_strides[3] == 1) prefetch(k + (j0 + j) * p.k_strides[2], D);
         if (p.v_strides[3] == 1 && j0 + BK + j < p.Lk)
           prefetch(v + (j0 + BK + j) * p.v_strides[2], Dv);
       }

@@ -1,0 +1,229 @@
+"""The CPU kernels' generic build, the one Apple Silicon CPUs run (NEON),
+compiled for aarch64 with clang-19 (Apple's compiler family) and run under
+qemu-aarch64 against the float64 references, forward and backward. This is
+Linux aarch64 in an emulator, not macOS on Apple hardware. The kernels run
+without MLX, on inputs from files (kernel_driver.cpp); the same driver built
+for this machine checks the harness itself."""
+
+import os
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_flash_attn as fa
+from reference import DTYPES, TOL, assert_close, assert_lse_close, rand, reference, to64
+from test_backward import GRAD_TOL
+
+torch = pytest.importorskip("torch")
+from reference import to_torch, torch_attention  # noqa: E402  (needs torch)
+
+ROOT = Path(__file__).parent.parent
+CLANG = shutil.which("clang++-19")
+QEMU = shutil.which("qemu-aarch64")
+DTYPE_CODE = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
+
+
+def compile_driver(out, compiler):
+    """Builds kernel_driver with the kernels' generic build; `compiler` is the
+    command line up to the flags. The kernels get CMakeLists.txt's flags for it."""
+    inc = ["-I", str(ROOT / "cpp" / "cpu"), "-I", str(ROOT / "kernels")]
+    objs, jobs = [], []
+    for src in ["cpp/cpu/flash_fwd.cpp", "cpp/cpu/flash_bwd.cpp"]:
+        obj = out.parent / f"{out.name}_{Path(src).stem}.o"
+        objs.append(str(obj))
+        jobs.append([*compiler, "-std=c++20", "-O3", "-fno-math-errno", "-DFA_ISA=generic", *inc,
+                     "-c", str(ROOT / src), "-o", str(obj)])
+    with ThreadPoolExecutor() as pool:
+        for res in pool.map(lambda c: subprocess.run(c, capture_output=True, text=True), jobs):
+            assert res.returncode == 0, res.stderr[-3000:]
+    res = subprocess.run([*compiler, "-std=c++20", "-O2", "-static", "-pthread", *inc,
+                          str(ROOT / "tests" / "kernel_driver.cpp"), *objs, "-o", str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def drivers(tmp_path_factory):
+    """argv prefix of each driver: this machine's (g++) and aarch64's (clang-19,
+    under qemu-aarch64), built in parallel."""
+    if CLANG is None or QEMU is None:
+        pytest.skip("needs clang-19, g++-aarch64-linux-gnu and qemu-user (apt-get install)")
+    d = tmp_path_factory.mktemp("drivers")
+    builds = {"native": (["g++"], []),
+              "aarch64": ([CLANG, "--target=aarch64-linux-gnu"], [QEMU])}
+    with ThreadPoolExecutor() as pool:
+        list(pool.map(lambda kv: compile_driver(d / kv[0], kv[1][0]), builds.items()))
+    return {name: [*runner, str(d / name)] for name, (_, runner) in builds.items()}
+
+
+def contiguous_strides(shape):
+    return [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
+
+
+def raw(x):
+    """An mx.array's elements as little-endian bytes (16-bit floats as their bits)."""
+    if x.dtype == mx.bfloat16:
+        return np.array(x.view(mx.uint16)).tobytes()
+    if x.dtype == mx.bool_:
+        return np.array(x).astype(np.uint8).tobytes()
+    return np.array(x).tobytes()
+
+
+def from_raw(buf, dtype, shape):
+    if dtype == mx.bfloat16:
+        bits = np.frombuffer(buf, np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32).astype(np.float64).reshape(shape)
+    npt = {mx.float32: np.float32, mx.float16: np.float16}[dtype]
+    return np.frombuffer(buf, npt).astype(np.float64).reshape(shape)
+
+
+def run_kernels(driver, tmp, q, k, v, *, backward=None, mask=None, alibi_slopes=None,
+                sinks=None, causal=False, window_size=(-1, -1), softcap=0.0, scale=None,
+                dropout_p=0.0, seed=(0, 0), threads=2):
+    """Runs the driver on q, k, v (B, H, L, D) and the options, as the host
+    would set FlashParams for contiguous inputs; backward = (dout, dlse).
+    Returns the outputs as float64 arrays by name."""
+    B, Hq, Lq, D = q.shape
+    Hk, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    wl, wr = window_size
+    if causal:
+        wr = 0 if wr < 0 else min(wr, 0)
+    prm = dict(B=B, Hq=Hq, Hk=Hk, Lq=Lq, Lk=Lk, D=D, Dv=Dv, gqa_ratio=Hq // Hk,
+               q_strides=contiguous_strides(q.shape), k_strides=contiguous_strides(k.shape),
+               v_strides=contiguous_strides(v.shape),
+               scale=1.0 / np.sqrt(D) if scale is None else scale, softcap=softcap,
+               q_offset=Lk - Lq, window_left=wl, window_right=wr, max_rows_q=Lq, max_rows_k=Lk,
+               dropout_p=dropout_p, seed=list(seed), dtype=DTYPE_CODE[q.dtype], threads=threads,
+               backward=int(backward is not None))
+    files = dict(q=q, k=k, v=v)
+    full = (B, Hq, Lq, Lk)
+    if mask is not None:
+        boolean = mask.dtype == mx.bool_
+        files["mask"] = mx.broadcast_to(mask if boolean else mask.astype(mx.float32), full)
+        prm.update(mask_kind=1 if boolean else 2, mask_strides=contiguous_strides(full),
+                   dmask=int(not boolean and backward is not None))
+    for name, x in (("alibi", alibi_slopes), ("sinks", sinks)):
+        if x is not None:
+            files[name] = mx.broadcast_to(x.astype(mx.float32), (B, Hq))
+            prm.update({f"has_{name}": 1, f"{name}_strides": [Hq, 1], f"d{name}": 1})
+    if backward is not None:
+        files["dout"], files["dlse"] = backward
+        prm.update(do_strides=contiguous_strides((B, Hq, Lq, Dv)),
+                   dlse_strides=contiguous_strides((B, Hq, Lq)))
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, x in files.items():
+        (tmp / name).write_bytes(raw(mx.contiguous(x)))
+    (tmp / "params.txt").write_text("".join(
+        f"{n} {' '.join(map(str, v)) if isinstance(v, list) else v}\n" for n, v in prm.items()))
+    res = subprocess.run([*driver, str(tmp)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    dt = q.dtype
+    outs = {"out": from_raw((tmp / "out").read_bytes(), dt, (B, Hq, Lq, Dv)),
+            "lse": from_raw((tmp / "lse").read_bytes(), mx.float32, (B, Hq, Lq))}
+    if backward is not None:
+        for name, shape in (("dq", q.shape), ("dk", k.shape), ("dv", v.shape)):
+            outs[name] = from_raw((tmp / name).read_bytes(), dt, shape)
+        for name, shape in (("dmask", full), ("dalibi", (B, Hq)), ("dsinks", (B, Hq))):
+            if (tmp / name).exists():
+                outs[name] = from_raw((tmp / name).read_bytes(), mx.float32, shape)
+    return outs
+
+
+def torch_grads(q, k, v, dout, dlse, mask=None, alibi_slopes=None, sinks=None, **opts):
+    """Float64 autograd gradients of sum(out * dout) + sum(lse * dlse), by name."""
+    named = dict(q=q, k=k, v=v, mask=mask, alibi_slopes=alibi_slopes, sinks=sinks)
+    t = {n: to_torch(x) for n, x in named.items() if x is not None}
+    out, lse = torch_attention(t["q"], t["k"], t["v"], mask=t.get("mask"),
+                               alibi_slopes=t.get("alibi_slopes"), sinks=t.get("sinks"), **opts)
+    loss = (out * torch.from_numpy(to64(dout))).sum() + (
+        torch.where(torch.isinf(lse), 0.0, lse) * torch.from_numpy(to64(dlse))).sum()
+    loss.backward()
+    short = dict(q="dq", k="dk", v="dv", mask="dmask", alibi_slopes="dalibi", sinks="dsinks")
+    return {short[n]: x.grad.numpy() for n, x in t.items() if x.grad is not None}
+
+
+def summed_to(x, shape):
+    """x summed over the axes broadcasting added or stretched from `shape`."""
+    x = x.sum(axis=tuple(range(x.ndim - len(shape))))
+    return x.sum(axis=tuple(i for i, n in enumerate(shape) if n == 1), keepdims=True)
+
+
+def assert_grads_close(outs, ref, dtype):
+    for name, g in ref.items():
+        got = summed_to(outs[name], g.shape)
+        assert np.all(np.isfinite(got)), f"{name} has NaN/inf (unwritten?)"
+        err = np.abs(got - g).max() / max(np.abs(g).max(), 1e-6)
+        tol = GRAD_TOL[dtype] * (1 if name in ("dq", "dk", "dv") else 2)
+        assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.1g} ({dtype})"
+
+
+def per_head(rng, shape, lo, hi):
+    return mx.array(rng.uniform(lo, hi, shape).astype(np.float32))
+
+
+# (id, shapes B, Hq, Hk, Lq, Lk, D, Dv, options given rng); each runs forward
+# and backward in every dtype, on 2 threads.
+CASES = [
+    *[(f"d{D}", (1, 2, 1, 67, 67, D, D), lambda rng: {}) for D in (32, 64, 80, 96, 128, 256)],
+    ("lq1", (2, 4, 2, 1, 100, 64, 64), lambda rng: {}),
+    ("l1", (1, 2, 2, 1, 1, 64, 64), lambda rng: {}),
+    ("causal_lq_lt_lk", (2, 4, 2, 100, 130, 64, 64), lambda rng: dict(causal=True)),
+    ("causal_lq_gt_lk", (2, 4, 2, 130, 100, 64, 64), lambda rng: dict(causal=True)),
+    ("window", (1, 4, 1, 150, 170, 96, 96), lambda rng: dict(window_size=(5, 3))),
+    ("dv_differs", (1, 2, 1, 70, 90, 64, 32), lambda rng: dict(causal=True)),
+    ("query_blocks_per_task", (2, 2, 2, 300, 300, 64, 64), lambda rng: dict(causal=True)),
+    ("decode_split_keys", (1, 8, 2, 1, 3001, 128, 128), lambda rng: dict(window_size=(2000, -1))),
+    ("softcap", (1, 2, 1, 70, 90, 64, 64), lambda rng: dict(softcap=2.0, scale=1.0)),
+    ("bool_mask", (2, 2, 1, 70, 90, 64, 64),
+     lambda rng: dict(mask=mx.array(rng.random((2, 1, 70, 90)) < 0.7))),
+    ("additive_mask", (2, 2, 1, 70, 90, 64, 64),
+     lambda rng: dict(mask=mx.array(rng.standard_normal((1, 2, 70, 90)).astype(np.float32)))),
+    ("combined", (2, 4, 2, 100, 130, 80, 80),
+     lambda rng: dict(causal=True, window_size=(40, -1), softcap=3.0,
+                      alibi_slopes=per_head(rng, (4,), 0.01, 0.3),
+                      sinks=per_head(rng, (2, 4), -1, 2))),
+]
+
+
+@pytest.mark.parametrize("build", ["native", "aarch64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_against_reference(drivers, tmp_path, rng, build, dtype, case):
+    _, (B, Hq, Hk, Lq, Lk, D, Dv), make_opts = case
+    opts = make_opts(rng)
+    q, k = rand(rng, (B, Hq, Lq, D), dtype), rand(rng, (B, Hk, Lk, D), dtype)
+    v = rand(rng, (B, Hk, Lk, Dv), dtype)
+    dout, dlse = rand(rng, (B, Hq, Lq, Dv), dtype), rand(rng, (B, Hq, Lq), mx.float32)
+    outs = run_kernels(drivers[build], tmp_path, q, k, v, backward=(dout, dlse), **opts)
+    ref_out, ref_lse = reference(q, k, v, **opts)
+    assert_close(outs["out"], ref_out, dtype)
+    assert_lse_close(mx.array(outs["lse"]), ref_lse)
+    assert_grads_close(outs, torch_grads(q, k, v, dout, dlse, **opts), dtype)
+
+
+@pytest.mark.parametrize("build", ["native", "aarch64"])
+def test_dropout_matches_this_machine(drivers, tmp_path, rng, build):
+    """Dropout's mask is a hash of (seed, b, h, i, j): the build under test
+    keeps the same probabilities as the tested extension on this machine."""
+    B, Hq, Hk, L, D = 1, 4, 2, 90, 64
+    q, k, v = (rand(rng, (B, h, L, D), mx.float32) for h in (Hq, Hk, Hk))
+    dout, dlse = rand(rng, (B, Hq, L, D), mx.float32), mx.zeros((B, Hq, L))
+    key = mx.random.key(7)
+    seed = [int(x) for x in np.array(key).reshape(2)]
+    outs = run_kernels(drivers[build], tmp_path, q, k, v, backward=(dout, dlse), causal=True,
+                       dropout_p=0.3, seed=seed)
+
+    def loss(q, k, v):
+        return (fa.attention(q, k, v, causal=True, dropout_p=0.3, key=key) * dout).sum()
+
+    ours = fa.attention(q, k, v, causal=True, dropout_p=0.3, key=key)
+    grads = mx.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    assert np.abs(to64(ours) - to64(fa.attention(q, k, v, causal=True))).max() > 1e-2
+    for name, want in zip(["out", "dq", "dk", "dv"], [ours, *grads]):
+        assert_close(outs[name], to64(want), mx.float32, what=name)

@@ -1,7 +1,8 @@
-// Runs one build of the CPU kernels on inputs from files, without MLX, so a
-// build for another architecture can run under an emulator
-// (test_arm_build.py: the generic build for aarch64, the one Apple Silicon
-// CPUs get, under qemu-aarch64).
+// Runs the CPU kernels on inputs from files, without MLX, so a build for
+// another architecture can run under an emulator (test_arm_build.py: the
+// generic build for aarch64, the one Apple Silicon CPUs get, under
+// qemu-aarch64). Linked with runtime.cpp built without the x86 kernels: its
+// thread pool, and its dispatch, which must pick the generic build.
 //
 //   kernel_driver DIR
 //
@@ -16,42 +17,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <atomic>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "flash_cpu.h"
-
-namespace flash_cpu {
-// The kernels' services: `threads` threads started per call.
-static int threads = 1;
-void parallel_for(int64_t n, void (*fn)(void*, int64_t), void* ctx) {
-  std::atomic<int64_t> next{0};
-  auto work = [&] {
-    for (int64_t i; (i = next++) < n;) fn(ctx, i);
-  };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads && t < n; ++t) pool.emplace_back(work);
-  work();
-  for (auto& t : pool) t.join();
-}
-int num_threads() { return threads; }
-void* thread_scratch(size_t n) {
-  struct Scratch {
-    void* p = nullptr;
-    size_t size = 0;
-    ~Scratch() { free(p); }
-  };
-  thread_local Scratch s;
-  if (s.size < n) {
-    free(s.p);
-    s.size = (n + 63) / 64 * 64;
-    s.p = aligned_alloc(64, s.size);
-  }
-  return s.p;
-}
-} // namespace flash_cpu
 
 using namespace flash_cpu;
 
@@ -85,7 +54,7 @@ int main(int argc, char** argv) {
   if (argc != 2) die("usage: kernel_driver DIR");
   dir = argv[1];
   FlashParams p{};
-  int dtype = 0, backward = 0, want_dmask = 0, want_dalibi = 0, want_dsinks = 0;
+  int dtype = 0, threads = 1, backward = 0, want_dmask = 0, want_dalibi = 0, want_dsinks = 0;
   struct Field {
     const char* name;
     char kind; // i: int, l: fa_index_t, f: float, u: unsigned
@@ -134,6 +103,8 @@ int main(int argc, char** argv) {
     }
   }
 
+  setenv("MLX_FLASH_ATTN_NUM_THREADS", std::to_string(threads).c_str(), 1); // read by the pool
+  if (strcmp(isa_name(), "generic")) die(std::string("dispatch chose ") + isa_name());
   const size_t es = dtype == 0 ? 4 : 2, bh = size_t(p.B) * p.Hq, bhk = size_t(p.B) * p.Hk;
   const std::vector<char> q = read_file("q"), k = read_file("k"), v = read_file("v"),
                           mask = read_file("mask"), alibi = read_file("alibi"),
@@ -146,7 +117,7 @@ int main(int argc, char** argv) {
                  static_cast<const float*>(ptr(alibi)), static_cast<const float*>(ptr(sinks)),
                  static_cast<const int32_t*>(ptr(seqs)), out.data(),
                  reinterpret_cast<float*>(lse.data())};
-  generic::forward(fa);
+  flash_cpu::forward(fa);
   write_file("out", out);
   write_file("lse", lse);
   if (!backward) return 0;
@@ -159,7 +130,7 @@ int main(int argc, char** argv) {
   auto fptr = [](std::vector<char>& b) { return b.empty() ? nullptr : reinterpret_cast<float*>(b.data()); };
   BackwardArgs ba{fa, dout.data(), reinterpret_cast<const float*>(dlse.data()), dq.data(),
                   dk.data(), dv.data(), fptr(dmask), fptr(dalibi), fptr(dsinks)};
-  generic::backward(ba);
+  flash_cpu::backward(ba);
   write_file("dq", dq);
   write_file("dk", dk);
   write_file("dv", dv);

@@ -29,11 +29,12 @@ DTYPE_CODE = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 
 
 def compile_driver(out, compiler):
-    """Builds kernel_driver with the kernels' generic build; `compiler` is the
-    command line up to the flags. The kernels get CMakeLists.txt's flags for it."""
+    """Builds kernel_driver with the kernels' generic build and the runtime
+    (its pool and dispatch, no x86 builds); `compiler` is the command line up
+    to the flags. The kernels get CMakeLists.txt's flags for it."""
     inc = ["-I", str(ROOT / "cpp" / "cpu"), "-I", str(ROOT / "kernels")]
     objs, jobs = [], []
-    for src in ["cpp/cpu/flash_fwd.cpp", "cpp/cpu/flash_bwd.cpp"]:
+    for src in ["cpp/cpu/flash_fwd.cpp", "cpp/cpu/flash_bwd.cpp", "cpp/cpu/runtime.cpp"]:
         obj = out.parent / f"{out.name}_{Path(src).stem}.o"
         objs.append(str(obj))
         jobs.append([*compiler, "-std=c++20", "-O3", "-fno-math-errno", "-DFA_ISA=generic", *inc,

@@ -7,7 +7,8 @@
 #   benchmarks/ab_kernels.sh REV_A [REV_B] -- B H L D causal dtype iters [bwd [threads]]
 #   e.g. benchmarks/ab_kernels.sh HEAD~1 -- 1 8 1024 64 0 0 20
 #
-# Kernel flags: $FA_FLAGS, default AVX2 + FMA + F16C (CMakeLists.txt's avx2).
+# Kernel flags: CMakeLists.txt's FA_KERNEL_FLAGS plus $FA_FLAGS, default AVX2 +
+# FMA + F16C (CMakeLists.txt's avx2).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -29,7 +30,7 @@ for side in a b; do
     git -C "$repo" archive "$rev" cpp/cpu kernels | tar -x -C "$dir/$side"
   fi
   for f in flash_fwd flash_bwd; do
-    g++ -O3 -fno-math-errno $flags -std=c++20 -DFA_ISA=v$side -I"$dir/$side/kernels" \
+    g++ -O3 -fno-math-errno -ffp-contract=fast $flags -std=c++20 -DFA_ISA=v$side -I"$dir/$side/kernels" \
       -I"$dir/$side/cpp/cpu" -c "$dir/$side/cpp/cpu/$f.cpp" -o "$dir/${side}_$f.o" &
   done
 done

@@ -19,6 +19,7 @@ import mlx_flash_attn as fa
 from reference import (DTYPES, assert_close, assert_lse_close, rand, reference, to64,
                        to_torch, torch_attention)
 from test_backward import GRAD_TOL
+from test_isa_builds import cmake_kernel_flags
 
 torch = pytest.importorskip("torch")
 
@@ -37,7 +38,7 @@ def compile_driver(out, compiler):
     for src in ["cpp/cpu/flash_fwd.cpp", "cpp/cpu/flash_bwd.cpp", "cpp/cpu/runtime.cpp"]:
         obj = out.parent / f"{out.name}_{Path(src).stem}.o"
         objs.append(str(obj))
-        jobs.append([*compiler, "-std=c++20", "-O3", "-fno-math-errno", "-DFA_ISA=generic", *inc,
+        jobs.append([*compiler, "-std=c++20", *cmake_kernel_flags(), "-DFA_ISA=generic", *inc,
                      "-c", str(ROOT / src), "-o", str(obj)])
     with ThreadPoolExecutor() as pool:
         for res in pool.map(lambda c: subprocess.run(c, capture_output=True, text=True), jobs):

@@ -54,6 +54,12 @@ def cmake_isa_flags():
     return flags
 
 
+def cmake_kernel_flags():
+    """FA_KERNEL_FLAGS from CMakeLists.txt: the flags of every kernel build."""
+    text = (ROOT / "CMakeLists.txt").read_text()
+    return re.search(r"set\(FA_KERNEL_FLAGS ([^)]*)\)", text).group(1).split()
+
+
 def clang_compile(source, *args):
     cmd = [CLANG, "-std=c++20", "-O0", "-c", "-o", os.devnull, "-Wno-psabi",
            "-I", str(ROOT / "cpp"), "-I", str(ROOT / "kernels"), *args, str(ROOT / source)]
@@ -76,3 +82,31 @@ def test_kernels_compile_with_clang(arch, isa):
         clang_compile(source, *target, f"-DFA_ISA={isa}", *flags)
     runtime_defs = ["-DFA_HAVE_X86_KERNELS"] if arch == "x86_64" else []
     clang_compile("cpp/cpu/runtime.cpp", *target, *runtime_defs)
+
+
+# The GEMM loops must compile to fused multiply-adds: clang's default once
+# left every acc += q * k a multiply and an add (see FA_KERNEL_FLAGS).
+# qk_rows<ROWS> (never inlined) of each clang build, with CMakeLists.txt's
+# flags: (arch, isa, ROWS, fused, separate instructions).
+FMA_BUILDS = [("x86_64", "avx2", 6, "vfmadd", ("vmulps", "vaddps")),
+              ("x86_64", "avx512", 4, "vfmadd", ("vmulps", "vaddps")),
+              ("aarch64", "generic", 6, "fmla", ("fmul", "fadd"))]
+
+
+@pytest.mark.skipif(CLANG is None, reason="clang++-19 not installed (apt-get install clang-19)")
+@pytest.mark.parametrize("arch,isa,rows,fused,separate", FMA_BUILDS, ids=lambda x: str(x))
+def test_gemm_loops_fuse_multiply_adds_with_clang(arch, isa, rows, fused, separate):
+    flags = cmake_isa_flags().get(isa, []) if arch == "x86_64" else []
+    cmd = [CLANG, f"--target={arch}-linux-gnu", "-std=c++20", *cmake_kernel_flags(), *flags,
+           f"-DFA_ISA={isa}", "-I", str(ROOT / "cpp" / "cpu"), "-I", str(ROOT / "kernels"),
+           "-S", "-o", "-", str(ROOT / "cpp/cpu/flash_fwd.cpp")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    name = rf"_ZN9flash_cpu{len(isa)}{isa}12_GLOBAL__N_17qk_rowsILi{rows}E\w*"
+    body = re.search(rf"^{name}:.*?^\.Lfunc_end", res.stdout, re.S | re.M)
+    assert body, f"qk_rows<{rows}> not found in the {arch} {isa} assembly"
+    ops = re.findall(r"^\s+(\w+)", body.group(0), re.M)
+    n_fused = sum(op.startswith(fused) for op in ops)
+    n_separate = sum(op in separate for op in ops)
+    assert n_fused >= 12 and n_separate == 0, (
+        f"qk_rows<{rows}>: {n_fused} {fused}, {n_separate} of {separate}")

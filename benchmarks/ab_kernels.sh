@@ -8,7 +8,8 @@
 #   e.g. benchmarks/ab_kernels.sh HEAD~1 -- 1 8 1024 64 0 0 20
 #
 # Kernel flags: CMakeLists.txt's FA_KERNEL_FLAGS plus $FA_FLAGS, default AVX2 +
-# FMA + F16C (CMakeLists.txt's avx2).
+# FMA + F16C (CMakeLists.txt's avx2). Compiler: $FA_CXX, default g++ (e.g.
+# FA_CXX=clang++-19, Apple's compiler family).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -18,6 +19,7 @@ rev_b=work
 if [ "${1:-}" != "--" ]; then rev_b=$1; shift; fi
 [ "${1:-}" = "--" ] && shift
 flags=${FA_FLAGS:--mavx2 -mfma -mf16c}
+cxx=${FA_CXX:-g++}
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 for side in a b; do
@@ -30,11 +32,11 @@ for side in a b; do
     git -C "$repo" archive "$rev" cpp/cpu kernels | tar -x -C "$dir/$side"
   fi
   for f in flash_fwd flash_bwd; do
-    g++ -O3 -fno-math-errno -ffp-contract=fast $flags -std=c++20 -DFA_ISA=v$side -I"$dir/$side/kernels" \
+    "$cxx" -O3 -fno-math-errno -ffp-contract=fast $flags -std=c++20 -DFA_ISA=v$side -I"$dir/$side/kernels" \
       -I"$dir/$side/cpp/cpu" -c "$dir/$side/cpp/cpu/$f.cpp" -o "$dir/${side}_$f.o" &
   done
 done
 wait
-g++ -O2 -std=c++20 -pthread -I"$repo/kernels" -I"$repo/cpp/cpu" "$here/ab_kernels.cpp" "$dir"/*.o \
+"$cxx" -O2 -std=c++20 -pthread -I"$repo/kernels" -I"$repo/cpp/cpu" "$here/ab_kernels.cpp" "$dir"/*.o \
   -o "$dir/ab_kernels"
 "$dir/ab_kernels" "$@"

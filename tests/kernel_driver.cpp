@@ -10,8 +10,9 @@
 // plus dtype (0 float32, 1 float16, 2 bfloat16), threads and the outputs
 // wanted: backward, dmask, dalibi, dsinks (0/1). Inputs are raw
 // little-endian files: q, k, v (dtype; strides as given), mask (uint8 or
-// float32), alibi, sinks (float32), and for the backward dout (dtype) and
-// dlse (float32). (No varlen: has_seqs must stay 0.) Outputs, filled with NaN before the run so
+// float32), alibi, sinks (float32), seqs (int32; packed: the outputs are one
+// buffer for all B sequences, as the host's), and for the backward dout
+// (dtype) and dlse (float32). Outputs, filled with NaN before the run so
 // unwritten elements show: out, lse, and dq, dk, dv, dmask, dalibi, dsinks.
 #include <stdio.h>
 #include <stdlib.h>
@@ -105,20 +106,21 @@ int main(int argc, char** argv) {
 
   setenv("MLX_FLASH_ATTN_NUM_THREADS", std::to_string(threads).c_str(), 1); // read by the pool
   if (strcmp(isa_name(), "generic")) die(std::string("dispatch chose ") + isa_name());
-  const size_t es = dtype == 0 ? 4 : 2, bh = size_t(p.B) * p.Hq, bhk = size_t(p.B) * p.Hk;
+  const size_t es = dtype == 0 ? 4 : 2, nb = p.packed ? 1 : p.B;
+  const size_t bh = nb * p.Hq, bhk = nb * p.Hk;
   const std::vector<char> q = read_file("q"), k = read_file("k"), v = read_file("v"),
                           mask = read_file("mask"), alibi = read_file("alibi"),
-                          sinks = read_file("sinks"), dout = read_file("dout"),
-                          dlse = read_file("dlse");
-  if (q.empty() || k.empty() || v.empty() || (backward && (dout.empty() || dlse.empty())))
+                          sinks = read_file("sinks"), seqs = read_file("seqs"),
+                          dout = read_file("dout"), dlse = read_file("dlse");
+  if (q.empty() || k.empty() || v.empty() || (p.has_seqs && seqs.empty()) ||
+      (backward && (dout.empty() || dlse.empty())))
     die("missing input files");
-  if (p.has_seqs) die("has_seqs is not supported");
   auto nan_filled = [](size_t bytes) { return std::vector<char>(bytes, char(0xff)); };
   std::vector<char> out = nan_filled(bh * p.Lq * p.Dv * es), lse = nan_filled(bh * p.Lq * 4);
   auto ptr = [](const std::vector<char>& b) -> const void* { return b.empty() ? nullptr : b.data(); };
   ForwardArgs fa{&p, DType(dtype), q.data(), k.data(), v.data(), ptr(mask),
                  static_cast<const float*>(ptr(alibi)), static_cast<const float*>(ptr(sinks)),
-                 nullptr, out.data(),
+                 static_cast<const int32_t*>(ptr(seqs)), out.data(),
                  reinterpret_cast<float*>(lse.data())};
   flash_cpu::forward(fa);
   write_file("out", out);

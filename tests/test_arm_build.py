@@ -86,10 +86,12 @@ def from_raw(buf, dtype, shape):
 
 def run_kernels(driver, tmp, q, k, v, *, backward=None, mask=None, alibi_slopes=None,
                 sinks=None, causal=False, window_size=(-1, -1), softcap=0.0, scale=None,
-                dropout_p=0.0, seed=(0, 0), threads=2):
+                dropout_p=0.0, seed=(0, 0), seqs=None, threads=2):
     """Runs the driver on q, k, v (B, H, L, D) and the options, as the host
-    would set FlashParams for contiguous inputs; backward = (dout, dlse).
-    Returns the outputs as float64 arrays by name."""
+    would set FlashParams for contiguous inputs; backward = (dout, dlse);
+    seqs: packed sequences [q_begin, q_len, k_begin, k_len] in one (1, H, L,
+    D) buffer each (attention_varlen's layout). Returns the outputs as
+    float64 arrays by name."""
     B, Hq, Lq, D = q.shape
     Hk, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     wl, wr = window_size
@@ -117,6 +119,13 @@ def run_kernels(driver, tmp, q, k, v, *, backward=None, mask=None, alibi_slopes=
         files["dout"], files["dlse"] = backward
         prm.update(do_strides=contiguous_strides((B, Hq, Lq, Dv)),
                    dlse_strides=contiguous_strides((B, Hq, Lq)))
+    if seqs is not None:
+        files["seqs"] = mx.array(np.array(seqs, dtype=np.int32))
+        prm.update(B=len(seqs), has_seqs=1, packed=1, max_rows_q=max(s[1] for s in seqs),
+                   max_rows_k=max(s[3] for s in seqs))
+        for name in ("q_strides", "k_strides", "v_strides", "do_strides", "dlse_strides"):
+            if name in prm:
+                prm[name][0] = 0  # every sequence indexes the one buffer
     tmp.mkdir(parents=True, exist_ok=True)
     for name, x in files.items():
         (tmp / name).write_bytes(raw(mx.contiguous(x)))
@@ -207,6 +216,33 @@ def test_against_reference(drivers, tmp_path, rng, build, dtype, case):
     assert_close(outs["out"], ref_out, dtype)
     assert_lse_close(mx.array(outs["lse"]), ref_lse)
     assert_grads_close(outs, torch_grads(q, k, v, dout, dlse, **opts), dtype)
+
+
+@pytest.mark.parametrize("build", ["native", "aarch64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_sequences(drivers, tmp_path, rng, build, dtype):
+    """attention_varlen's packed layout: each sequence against the reference
+    of its own rows (causal, bottom-right within the sequence, GQA)."""
+    Hq, Hk, D = 4, 2, 64
+    lq, lk = [37, 64, 0, 5], [50, 64, 9, 90]
+    cq, ck = np.cumsum([0] + lq), np.cumsum([0] + lk)
+    q, k, v = (rand(rng, (1, h, n, D), dtype) for h, n in ((Hq, cq[-1]), (Hk, ck[-1]), (Hk, ck[-1])))
+    dout, dlse = rand(rng, (1, Hq, cq[-1], D), dtype), rand(rng, (1, Hq, cq[-1]), mx.float32)
+    seqs = [[int(cq[b]), lq[b], int(ck[b]), lk[b]] for b in range(len(lq))]
+    outs = run_kernels(drivers[build], tmp_path, q, k, v, backward=(dout, dlse), causal=True,
+                       seqs=seqs)
+    for b in range(len(lq)):
+        sq, sk = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        if lq[b] == 0:
+            assert np.all(outs["dk"][:, :, sk] == 0) and np.all(outs["dv"][:, :, sk] == 0)
+            continue
+        mine = {n: outs[n][:, :, sq] for n in ("out", "lse", "dq")}
+        mine.update({n: outs[n][:, :, sk] for n in ("dk", "dv")})
+        ref_out, ref_lse = reference(q[:, :, sq], k[:, :, sk], v[:, :, sk], causal=True)
+        assert_close(mine["out"], ref_out, dtype)
+        assert_lse_close(mx.array(mine["lse"]), ref_lse)
+        assert_grads_close(mine, torch_grads(q[:, :, sq], k[:, :, sk], v[:, :, sk], dout[:, :, sq],
+                                             dlse[:, :, sq], causal=True), dtype)
 
 
 @pytest.mark.parametrize("build", ["native", "aarch64"])

@@ -20,6 +20,8 @@ if [ "${1:-}" != "--" ]; then rev_b=$1; shift; fi
 [ "${1:-}" = "--" ] && shift
 flags=${FA_FLAGS:--mavx2 -mfma -mf16c}
 cxx=${FA_CXX:-g++}
+kernel_flags=$(sed -n 's/^set(FA_KERNEL_FLAGS \(.*\))$/\1/p' "$repo/CMakeLists.txt")
+[ -n "$kernel_flags" ] || { echo "no FA_KERNEL_FLAGS in CMakeLists.txt" >&2; exit 1; }
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 for side in a b; do
@@ -32,7 +34,7 @@ for side in a b; do
     git -C "$repo" archive "$rev" cpp/cpu kernels | tar -x -C "$dir/$side"
   fi
   for f in flash_fwd flash_bwd; do
-    "$cxx" -O3 -fno-math-errno -ffp-contract=fast $flags -std=c++20 -DFA_ISA=v$side -I"$dir/$side/kernels" \
+    "$cxx" $kernel_flags $flags -std=c++20 -DFA_ISA=v$side -I"$dir/$side/kernels" \
       -I"$dir/$side/cpp/cpu" -c "$dir/$side/cpp/cpu/$f.cpp" -o "$dir/${side}_$f.o" &
   done
 done

@@ -94,7 +94,8 @@ FMA_BUILDS = [("x86_64", "avx2", 6, "vfmadd", ("vmulps", "vaddps")),
 
 
 @pytest.mark.skipif(CLANG is None, reason="clang++-19 not installed (apt-get install clang-19)")
-@pytest.mark.parametrize("arch,isa,rows,fused,separate", FMA_BUILDS, ids=lambda x: str(x))
+@pytest.mark.parametrize("arch,isa,rows,fused,separate", FMA_BUILDS,
+                         ids=[f"{arch}-{isa}" for arch, isa, *_ in FMA_BUILDS])
 def test_gemm_loops_fuse_multiply_adds_with_clang(arch, isa, rows, fused, separate):
     flags = cmake_isa_flags().get(isa, []) if arch == "x86_64" else []
     cmd = [CLANG, f"--target={arch}-linux-gnu", "-std=c++20", *cmake_kernel_flags(), *flags,

@@ -4,7 +4,7 @@
 // cannot tell from a change of a few percent.
 //
 //   ab_kernels B H L D causal dtype iters [bwd [threads [Hk [Lq]]]]
-//   (dtype: 0 float32, 2 bfloat16; threads: 1 by default; Hk: K/V heads,
+//   (dtype: 0 float32, 1 float16, 2 bfloat16; threads: 1 by default; Hk: K/V heads,
 //   H by default (GQA); Lq: query rows, L by default: 1 times decoding)
 //
 // Prints the median and best time of each build, their ratio, and the
@@ -72,6 +72,7 @@ static double now() {
 
 static float value(const std::vector<char>& a, size_t i, int dt) {
   if (dt == 0) return reinterpret_cast<const float*>(a.data())[i];
+  if (dt == 1) return float(reinterpret_cast<const _Float16*>(a.data())[i]);
   const uint32_t u = uint32_t(reinterpret_cast<const uint16_t*>(a.data())[i]) << 16;
   float f;
   memcpy(&f, &u, 4);
@@ -124,6 +125,7 @@ int main(int argc, char** argv) {
       uint32_t u;
       memcpy(&u, &f, 4);
       if (dt == 0) memcpy(a->data() + 4 * i, &f, 4);
+      else if (dt == 1) reinterpret_cast<_Float16*>(a->data())[i] = _Float16(f);
       else reinterpret_cast<uint16_t*>(a->data())[i] = uint16_t(u >> 16);
     }
   ForwardArgs fa[2];
@@ -161,7 +163,7 @@ int main(int argc, char** argv) {
   }
   printf("%s B%d H%d/%d Lq%d Lk%d D%d %s %s, %d thread(s): A %.3f ms (best %.3f, %.1f GFLOP/s) | "
          "B %.3f ms (best %.3f, %.1f GFLOP/s) | B/A %.3f | max |A-B| %.2g\n",
-         bwd ? "bwd" : "fwd", B, H, Hk, Lq, L, D, causal ? "causal" : "full", dt ? "bf16" : "f32", threads,
+         bwd ? "bwd" : "fwd", B, H, Hk, Lq, L, D, causal ? "causal" : "full", dt == 0 ? "f32" : dt == 1 ? "f16" : "bf16", threads,
          med[0] * 1e3, t[0][0] * 1e3, flop / med[0] / 1e9, med[1] * 1e3, t[1][0] * 1e3,
          flop / med[1] / 1e9, med[1] / med[0], diff);
   return 0;

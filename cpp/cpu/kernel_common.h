@@ -203,6 +203,10 @@ inline float to_float(bf16_t x) {
 inline float to_float(f16_t x) {
 #if defined(__F16C__)
   return _cvtsh_ss(x.bits);
+#elif defined(__aarch64__) // the hardware's conversion, which loops vectorise
+  __fp16 h; // Arm's half type: GCC 12 has no _Float16 in C++
+  memcpy(&h, &x.bits, 2);
+  return float(h);
 #else
   uint32_t sign = uint32_t(x.bits & 0x8000) << 16;
   uint32_t exp = (x.bits >> 10) & 0x1f;
@@ -241,6 +245,11 @@ template <>
 inline f16_t from_float<f16_t>(float x) { // round to nearest even
 #if defined(__F16C__)
   return f16_t{uint16_t(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT))};
+#elif defined(__aarch64__)
+  const __fp16 h = __fp16(x);
+  f16_t r;
+  memcpy(&r.bits, &h, 2);
+  return r;
 #else
   uint32_t u;
   memcpy(&u, &x, 4);
@@ -267,10 +276,21 @@ inline f16_t from_float<f16_t>(float x) { // round to nearest even
 // Reads n elements at src with element stride `stride` as float32 times mul.
 template <typename T>
 inline void load_row(const T* src, fa_index_t stride, int n, float mul, float* dst) {
+  int d = 0;
+#if defined(__F16C__)
+  // float16: 8 per instruction; to_float converts one (decoding float16 took
+  // 2.4x as long as bfloat16 that way).
+  if constexpr (sizeof(T) == 2 && !is_bf16<T>)
+    for (; stride == 1 && d + 8 <= n; d += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d));
+      const vf8 x = vf8(_mm256_cvtph_ps(h)) * mul;
+      memcpy(dst + d, &x, sizeof(x));
+    }
+#endif
   if (stride == 1) {
-    for (int d = 0; d < n; ++d) dst[d] = to_float(src[d]) * mul;
+    for (; d < n; ++d) dst[d] = to_float(src[d]) * mul;
   } else {
-    for (int d = 0; d < n; ++d) dst[d] = to_float(src[d * stride]) * mul;
+    for (; d < n; ++d) dst[d] = to_float(src[d * stride]) * mul;
   }
 }
 

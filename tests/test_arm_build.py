@@ -1,8 +1,9 @@
-"""The CPU kernels' generic build, the one Apple Silicon CPUs run (NEON),
-compiled for aarch64 by clang-19 (Apple's compiler family) for the M1
-(-mcpu=apple-m1, the CPU clang targets by default on arm64 macOS) and run
-under qemu-aarch64 against the float64 references, forward and backward. This is
-Linux aarch64 in an emulator, not macOS on Apple hardware. The kernels run
+"""The CPU kernels' generic build, the one Arm CPUs run (NEON), compiled for
+aarch64 by clang-19 (Apple's compiler family) for the M1 (-mcpu=apple-m1,
+the CPU clang targets by default on arm64 macOS) and by GCC (a Linux Arm
+machine's compiler), and run under qemu-aarch64 against the float64
+references, forward and backward. This is Linux aarch64 in an emulator, not
+macOS on Apple hardware. The kernels run
 without MLX, on inputs from files (kernel_driver.cpp); the same driver built
 for this machine checks the harness itself."""
 
@@ -26,6 +27,8 @@ torch = pytest.importorskip("torch")
 ROOT = Path(__file__).parent.parent
 CLANG = shutil.which("clang++-19")
 QEMU = shutil.which("qemu-aarch64")
+GCC_A64 = shutil.which("aarch64-linux-gnu-g++")
+BUILDS = ["native", "aarch64-clang", "aarch64-gcc"]
 DTYPE_CODE = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 
 
@@ -52,12 +55,14 @@ def compile_driver(out, compiler):
 @pytest.fixture(scope="module")
 def drivers(tmp_path_factory):
     """argv prefix of each driver: this machine's (g++) and aarch64's (clang-19
-    for the M1, under qemu-aarch64), built in parallel."""
-    if CLANG is None or QEMU is None:
+    for the M1, and GCC; under qemu-aarch64), built in parallel."""
+    if CLANG is None or QEMU is None or GCC_A64 is None:
         pytest.skip("needs clang-19, g++-aarch64-linux-gnu and qemu-user (apt-get install)")
     d = tmp_path_factory.mktemp("drivers")
     builds = {"native": (["g++"], []),
-              "aarch64": ([CLANG, "--target=aarch64-linux-gnu", "-mcpu=apple-m1"], [QEMU])}
+              "aarch64-clang": ([CLANG, "--target=aarch64-linux-gnu", "-mcpu=apple-m1"], [QEMU]),
+              "aarch64-gcc": ([GCC_A64], [QEMU])}
+    assert list(builds) == BUILDS
     with ThreadPoolExecutor() as pool:
         list(pool.map(lambda kv: compile_driver(d / kv[0], kv[1][0]), builds.items()))
     return {name: [*runner, str(d / name)] for name, (_, runner) in builds.items()}
@@ -205,7 +210,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("build", ["native", "aarch64"])
+@pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
 def test_against_reference(drivers, tmp_path, rng, build, dtype, case):
@@ -221,7 +226,7 @@ def test_against_reference(drivers, tmp_path, rng, build, dtype, case):
     assert_grads_close(outs, torch_grads(q, k, v, dout, dlse, **opts), dtype)
 
 
-@pytest.mark.parametrize("build", ["native", "aarch64"])
+@pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_packed_sequences(drivers, tmp_path, rng, build, dtype):
     """attention_varlen's packed layout: each sequence against the reference
@@ -248,7 +253,7 @@ def test_packed_sequences(drivers, tmp_path, rng, build, dtype):
                                              dlse[:, :, sq], causal=True), dtype)
 
 
-@pytest.mark.parametrize("build", ["native", "aarch64"])
+@pytest.mark.parametrize("build", BUILDS)
 def test_dropout_matches_this_machine(drivers, tmp_path, rng, build):
     """Dropout's mask is a hash of (seed, b, h, i, j): the build under test
     keeps the same probabilities as the tested extension on this machine."""

@@ -539,7 +539,11 @@ inline void apply_softcap(const FlashParams& p, float* srow, int n) {
   const float inv = 1.0f / p.softcap;
   int j = 0;
   for (; j + 16 <= n; j += 16) store16(srow + j, tanhv(load16(srow + j) * inv) * p.softcap);
-  for (; j < n; ++j) srow[j] = p.softcap * tanhf(srow[j] * inv);
+  if (j == n) return;
+  float tail[16] = {}; // the last partial chunk, through the same tanhv
+  memcpy(tail, srow + j, sizeof(float) * (n - j));
+  store16(tail, tanhv(load16(tail) * inv) * p.softcap);
+  memcpy(srow + j, tail, sizeof(float) * (n - j));
 }
 
 // One batch entry's sequence (see FlashParams::has_seqs): its query rows

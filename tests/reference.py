@@ -10,6 +10,9 @@ import numpy as np
 
 # Largest allowed relative error, max|out - ref| / max|ref|, per input dtype.
 TOL = {mx.float32: 2e-5, mx.float16: 4e-3, mx.bfloat16: 3e-2}
+# Gradients go through one more rounding of O (in the input dtype) than the
+# forward output, hence slightly looser half-precision bounds.
+GRAD_TOL = {mx.float32: 2e-5, mx.float16: 5e-3, mx.bfloat16: 4e-2}
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 
 
@@ -155,3 +158,28 @@ def to_torch(x):
     if x.dtype == mx.bool_:
         return torch.from_numpy(np.array(x))
     return torch.from_numpy(to64(x)).requires_grad_(True)
+
+
+def reference_grads(q, k, v, dout, dlse, **opts):
+    """Float64 autograd gradients of sum(out * dout) + sum(lse * dlse) (rows
+    with lse = -inf count 0), by name: q, k, v and whichever of mask,
+    alibi_slopes and sinks opts holds as differentiable mx.arrays."""
+    import torch
+
+    t = {n: to_torch(x) for n, x in (("q", q), ("k", k), ("v", v))}
+    topts = {n: to_torch(x) if isinstance(x, mx.array) else x for n, x in opts.items()}
+    out, lse = torch_attention(t["q"], t["k"], t["v"], **topts)
+    loss = (out * torch.from_numpy(to64(dout))).sum() + (
+        torch.where(torch.isinf(lse), 0.0, lse) * torch.from_numpy(to64(dlse))).sum()
+    loss.backward()
+    t.update({n: x for n, x in topts.items() if isinstance(x, torch.Tensor) and x.requires_grad})
+    return {n: x.grad.numpy() for n, x in t.items()}
+
+
+def assert_grad_close(g, ref, dtype, what):
+    """A gradient (float64 array) against its reference: finite, and within
+    GRAD_TOL (twice that for the mask, slopes and sinks)."""
+    assert np.all(np.isfinite(g)), f"{what} has NaN/inf"
+    err = np.abs(g - ref).max() / max(np.abs(ref).max(), 1e-6)
+    tol = GRAD_TOL[dtype] * (1 if what in ("dq", "dk", "dv") else 2)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g} ({dtype})"

@@ -1,14 +1,22 @@
-"""The CPU kernels' generic build, the one Arm CPUs run (NEON), compiled for
-aarch64 by clang-19 (Apple's compiler family) for the M1 (-mcpu=apple-m1,
-the CPU clang targets by default on arm64 macOS) and by GCC (a Linux Arm
-machine's compiler), and run under qemu-aarch64 against the float64
-references, forward and backward. This is Linux aarch64 in an emulator, not
-macOS on Apple hardware. The kernels run
-without MLX, on inputs from files (kernel_driver.cpp); the same driver built
-for this machine checks the harness itself."""
+"""CPU kernel builds this machine cannot run natively, run under emulators
+against the float64 references, forward and backward, without MLX (the
+kernels take inputs from files through kernel_driver.cpp):
 
+- the generic build, the one Arm CPUs run (NEON), compiled for aarch64 by
+  clang-19 (Apple's compiler family) for the M1 (-mcpu=apple-m1, the CPU
+  clang targets by default on arm64 macOS) and by GCC (a Linux Arm
+  machine's compiler), run under qemu-aarch64. This is Linux aarch64 in an
+  emulator, not macOS on Apple hardware.
+- the AVX-512 build (the one AVX-512 CPUs run), linked with no OS beneath
+  it and run on bochscpu's emulated x86-64 CPU (bare_x86.py), one CPU.
+
+The same driver built for this machine with the generic build checks the
+harness itself."""
+
+import importlib.util
 import shutil
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +27,7 @@ import pytest
 import mlx_flash_attn as fa
 from reference import (DTYPES, assert_close, assert_grad_close, assert_lse_close, rand,
                        reference, reference_grads, to64)
-from test_isa_builds import cmake_kernel_flags
+from test_isa_builds import cmake_isa_flags, cmake_kernel_flags
 
 torch = pytest.importorskip("torch")
 
@@ -27,7 +35,8 @@ ROOT = Path(__file__).parent.parent
 CLANG = shutil.which("clang++-19")
 QEMU = shutil.which("qemu-aarch64")
 GCC_A64 = shutil.which("aarch64-linux-gnu-g++")
-BUILDS = ["native", "aarch64-clang", "aarch64-gcc"]
+MUSL = Path("/usr/lib/x86_64-linux-musl/libc.a")  # Debian's musl-dev
+BUILDS = ["native", "aarch64-clang", "aarch64-gcc", "avx512-bochs"]
 DTYPE_CODE = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 
 
@@ -51,19 +60,49 @@ def compile_driver(out, compiler):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
+def compile_bare_driver(out):
+    """kernel_driver's bare build with the AVX-512 kernels: a static ELF with
+    no OS beneath it (no PIC, no stack protector, no CET), libc's few
+    functions (memcpy, strtod, expf, ...) from musl; and beside it the
+    bochscpu wheel's glibc shim."""
+    bare = ["-fno-pic", "-fno-pie", "-fno-stack-protector", "-fno-asynchronous-unwind-tables",
+            "-fcf-protection=none", "-std=c++20", "-I", str(ROOT / "cpp" / "cpu"), "-I",
+            str(ROOT / "kernels")]
+    jobs = [["g++", *bare, *cmake_kernel_flags(), *cmake_isa_flags()["avx512"], "-DFA_ISA=avx512",
+             "-c", str(ROOT / "cpp" / "cpu" / f"{f}.cpp"), "-o", str(out.parent / f"bare_{f}.o")]
+            for f in ("flash_fwd", "flash_bwd")]
+    jobs.append(["g++", *bare, "-O2", "-fno-exceptions", "-DFA_BARE=avx512", "-c",
+                 str(ROOT / "tests" / "kernel_driver.cpp"), "-o", str(out.parent / "bare_driver.o")])
+    jobs.append(["gcc", "-shared", "-fPIC", "-O2", str(ROOT / "tests" / "isoc23_shim.c"), "-o",
+                 str(out.with_name("libisoc23.so"))])
+    with ThreadPoolExecutor() as pool:
+        for res in pool.map(lambda c: subprocess.run(c, capture_output=True, text=True), jobs):
+            assert res.returncode == 0, res.stderr[-3000:]
+    objs = [str(out.parent / f"bare_{f}.o") for f in ("driver", "flash_fwd", "flash_bwd")]
+    res = subprocess.run(["ld", "-static", "-nostdlib", "-e", "fa_bare_start", *objs, str(MUSL),
+                          "-o", str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def drivers(tmp_path_factory):
-    """argv prefix of each driver: this machine's (g++) and aarch64's (clang-19
-    for the M1, and GCC; under qemu-aarch64), built in parallel."""
-    if CLANG is None or QEMU is None or GCC_A64 is None:
-        pytest.skip("needs clang-19, g++-aarch64-linux-gnu and qemu-user (apt-get install)")
+    """argv prefix of each driver: this machine's (g++), aarch64's (clang-19
+    for the M1, and GCC; under qemu-aarch64) and the AVX-512 one (on
+    bochscpu), built in parallel."""
+    if CLANG is None or QEMU is None or GCC_A64 is None or not MUSL.exists():
+        pytest.skip("needs clang-19, g++-aarch64-linux-gnu, qemu-user and musl-dev (apt-get install)")
+    if importlib.util.find_spec("bochscpu") is None:
+        pytest.skip("needs bochscpu-python (the test extra)")
     d = tmp_path_factory.mktemp("drivers")
-    builds = {"native": (["g++"], []),
-              "aarch64-clang": ([CLANG, "--target=aarch64-linux-gnu", "-mcpu=apple-m1"], [QEMU]),
-              "aarch64-gcc": ([GCC_A64], [QEMU])}
+    builds = {"native": (lambda out: compile_driver(out, ["g++"]), []),
+              "aarch64-clang": (lambda out: compile_driver(
+                  out, [CLANG, "--target=aarch64-linux-gnu", "-mcpu=apple-m1"]), [QEMU]),
+              "aarch64-gcc": (lambda out: compile_driver(out, [GCC_A64]), [QEMU]),
+              "avx512-bochs": (compile_bare_driver,
+                               [sys.executable, str(ROOT / "tests" / "bare_x86.py")])}
     assert list(builds) == BUILDS
     with ThreadPoolExecutor() as pool:
-        list(pool.map(lambda kv: compile_driver(d / kv[0], kv[1][0]), builds.items()))
+        list(pool.map(lambda kv: kv[1][0](d / kv[0]), builds.items()))
     return {name: [*runner, str(d / name)] for name, (_, runner) in builds.items()}
 
 
@@ -133,7 +172,7 @@ def run_kernels(driver, tmp, q, k, v, *, backward=None, mask=None, alibi_slopes=
     tmp.mkdir(parents=True, exist_ok=True)
     for name, x in files.items():
         (tmp / name).write_bytes(raw(mx.contiguous(x)))
-    (tmp / "params.txt").write_text("".join(
+    (tmp / "params").write_text("".join(
         f"{n} {' '.join(map(str, v)) if isinstance(v, list) else v}\n" for n, v in prm.items()))
     res = subprocess.run([*driver, str(tmp)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -180,6 +219,8 @@ CASES = [
     ("causal_lq_gt_lk", (2, 4, 2, 130, 100, 64, 64), lambda rng: dict(causal=True)),
     ("window", (1, 4, 1, 150, 170, 96, 96), lambda rng: dict(window_size=(5, 3))),
     ("dv_differs", (1, 2, 1, 70, 90, 64, 32), lambda rng: dict(causal=True)),
+    # D not a multiple of 16; Dv = 64 + 48 (AVX-512's partial column chunk of 3 vectors)
+    ("odd_head_dims", (1, 2, 1, 70, 90, 100, 112), lambda rng: dict(causal=True)),
     ("query_blocks_per_task", (2, 2, 2, 300, 300, 64, 64), lambda rng: dict(causal=True)),
     ("decode_split_keys", (1, 8, 2, 1, 3001, 128, 128), lambda rng: dict(window_size=(2000, -1))),
     ("softcap", (1, 2, 1, 70, 90, 64, 64), lambda rng: dict(softcap=2.0, scale=1.0)),

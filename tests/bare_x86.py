@@ -6,9 +6,10 @@ first touch.
 
     python bare_x86.py ELF DIR
 
-isoc23_shim.c built as libisoc23.so beside ELF (see import_bochscpu). The files in DIR are packed as kernel_driver.cpp's records; the outputs come
-back as files in DIR. Exits 1 with the driver's message, or the exception
-and where it was raised, if the run fails.
+needs isoc23_shim.c built as libisoc23.so beside ELF (see import_bochscpu).
+The files in DIR are packed as kernel_driver.cpp's records; the outputs
+come back as files in DIR. Exits 1 with the driver's message, or the
+exception and where it was raised, if the run fails.
 """
 import ctypes
 import struct

@@ -167,7 +167,7 @@ static Buffer read_file(const char* name) {
   if (!f) return {nullptr, 0};
   fseek(f, 0, SEEK_END);
   Buffer b{nullptr, size_t(ftell(f))};
-  b.data = static_cast<char*>(malloc(b.size + 1));
+  b.data = static_cast<char*>(malloc(b.size));
   fseek(f, 0, SEEK_SET);
   if (fread(b.data, 1, b.size, f) != b.size) die("short read:", name);
   fclose(f);
@@ -297,7 +297,9 @@ extern "C" [[noreturn]] void fa_bare_start(char* io, size_t io_size, char* heap,
   Record* r = first_record();
   while (r->name[0]) r = next_record(r);
   records_end = reinterpret_cast<char*>(r);
-  const Io bare{bare_read, bare_write, bare_alloc, bare_fail, flash_cpu::bare_set_threads, FA_STR(FA_BARE)};
+  // No dispatch here: the kernels are FA_BARE's build, whatever the CPU.
+  const Io bare{bare_read, bare_write, bare_alloc, bare_fail, flash_cpu::bare_set_threads,
+                FA_STR(FA_BARE)};
   run_driver(bare);
   *reinterpret_cast<uint64_t*>(io) = 1;
   halt();

@@ -72,7 +72,8 @@ def compile_bare_driver(out):
              "-c", str(ROOT / "cpp" / "cpu" / f"{f}.cpp"), "-o", str(out.parent / f"bare_{f}.o")]
             for f in ("flash_fwd", "flash_bwd")]
     jobs.append(["g++", *bare, "-O2", "-fno-exceptions", "-DFA_BARE=avx512", "-c",
-                 str(ROOT / "tests" / "kernel_driver.cpp"), "-o", str(out.parent / "bare_driver.o")])
+                 str(ROOT / "tests" / "kernel_driver.cpp"), "-o",
+                 str(out.parent / "bare_driver.o")])
     jobs.append(["gcc", "-shared", "-fPIC", "-O2", str(ROOT / "tests" / "isoc23_shim.c"), "-o",
                  str(out.with_name("libisoc23.so"))])
     with ThreadPoolExecutor() as pool:
@@ -90,7 +91,8 @@ def drivers(tmp_path_factory):
     for the M1, and GCC; under qemu-aarch64) and the AVX-512 one (on
     bochscpu), built in parallel."""
     if CLANG is None or QEMU is None or GCC_A64 is None or not MUSL.exists():
-        pytest.skip("needs clang-19, g++-aarch64-linux-gnu, qemu-user and musl-dev (apt-get install)")
+        pytest.skip("needs clang-19, g++-aarch64-linux-gnu, qemu-user and musl-dev "
+                    "(apt-get install)")
     if importlib.util.find_spec("bochscpu") is None:
         pytest.skip("needs bochscpu-python (the test extra)")
     d = tmp_path_factory.mktemp("drivers")

@@ -131,12 +131,13 @@ def from_raw(buf, dtype, shape):
 
 def run_kernels(driver, tmp, q, k, v, *, backward=None, mask=None, alibi_slopes=None,
                 sinks=None, causal=False, window_size=(-1, -1), softcap=0.0, scale=None,
-                dropout_p=0.0, seed=(0, 0), seqs=None, threads=2):
+                dropout_p=0.0, seed=(0, 0), seqs=None, threads=2, heads_inner=False):
     """Runs the driver on q, k, v (B, H, L, D) and the options, as the host
-    would set FlashParams for contiguous inputs; backward = (dout, dlse);
-    seqs: packed sequences [q_begin, q_len, k_begin, k_len] in one (1, H, L,
-    D) buffer each (attention_varlen's layout). Returns the outputs as
-    float64 arrays by name."""
+    would set FlashParams for contiguous inputs, or with heads_inner for
+    q, k, v stored (B, L, H, D) (mlx-lm's layout, transposed); backward =
+    (dout, dlse); seqs: packed sequences [q_begin, q_len, k_begin, k_len]
+    in one (1, H, L, D) buffer each (attention_varlen's layout). Returns
+    the outputs as float64 arrays by name."""
     B, Hq, Lq, D = q.shape
     Hk, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     wl, wr = window_size
@@ -150,6 +151,11 @@ def run_kernels(driver, tmp, q, k, v, *, backward=None, mask=None, alibi_slopes=
                dropout_p=dropout_p, seed=list(seed), dtype=DTYPE_CODE[q.dtype], threads=threads,
                backward=int(backward is not None))
     files = dict(q=q, k=k, v=v)
+    if heads_inner:
+        for name, x in list(files.items()):
+            _, H, L, E = x.shape
+            files[name] = x.transpose(0, 2, 1, 3)
+            prm[f"{name}_strides"] = [L * H * E, E, H * E, 1]
     full = (B, Hq, Lq, Lk)
     if mask is not None:
         boolean = mask.dtype == mx.bool_
@@ -254,6 +260,22 @@ def test_against_reference(drivers, tmp_path, rng, build, dtype, case):
     assert_close(outs["out"], ref_out, dtype)
     assert_lse_close(mx.array(outs["lse"]), ref_lse)
     assert_grads_close(outs, reference_grads(q, k, v, dout, dlse, **opts), dtype)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_heads_inner_layout(drivers, tmp_path, rng, build, dtype):
+    """q, k, v stored (B, L, H, D), as mlx-lm's projections leave them: row
+    strides of H * D, so float32 V (at most 64 columns) is not read in
+    place."""
+    q, k, v = (rand(rng, (2, h, n, 64), dtype) for h, n in ((4, 100), (2, 130), (2, 130)))
+    dout, dlse = rand(rng, (2, 4, 100, 64), dtype), rand(rng, (2, 4, 100), mx.float32)
+    outs = run_kernels(drivers[build], tmp_path, q, k, v, backward=(dout, dlse), causal=True,
+                       heads_inner=True)
+    ref_out, ref_lse = reference(q, k, v, causal=True)
+    assert_close(outs["out"], ref_out, dtype)
+    assert_lse_close(mx.array(outs["lse"]), ref_lse)
+    assert_grads_close(outs, reference_grads(q, k, v, dout, dlse, causal=True), dtype)
 
 
 @pytest.mark.parametrize("build", BUILDS)

@@ -43,7 +43,7 @@ struct Io {
   void* (*alloc)(size_t bytes);
   void (*fail)(const char* msg, const char* what);
   void (*set_threads)(int n);
-  const char* isa; // the build dispatch must choose
+  const char* isa; // the build dispatch must choose; null: no dispatch
 };
 
 void parse_params(const Io& io, char* text, FlashParams& p, int* ints) {
@@ -105,7 +105,7 @@ void run_driver(const Io& io) {
   const int dtype = ints[0], backward = ints[2];
   const bool want_dmask = ints[3], want_dalibi = ints[4], want_dsinks = ints[5];
   io.set_threads(ints[1]);
-  if (strcmp(isa_name(), io.isa)) io.fail("dispatch chose", isa_name());
+  if (io.isa && strcmp(isa_name(), io.isa)) io.fail("dispatch chose", isa_name());
 
   const size_t es = dtype == 0 ? 4 : 2, nb = p.packed ? 1 : p.B;
   const size_t bh = nb * p.Hq, bhk = nb * p.Hk;
@@ -297,9 +297,9 @@ extern "C" [[noreturn]] void fa_bare_start(char* io, size_t io_size, char* heap,
   Record* r = first_record();
   while (r->name[0]) r = next_record(r);
   records_end = reinterpret_cast<char*>(r);
-  // No dispatch here: the kernels are FA_BARE's build, whatever the CPU.
+  // No dispatch: the kernels are FA_BARE's build, whatever the CPU.
   const Io bare{bare_read, bare_write, bare_alloc, bare_fail, flash_cpu::bare_set_threads,
-                FA_STR(FA_BARE)};
+                nullptr};
   run_driver(bare);
   *reinterpret_cast<uint64_t*>(io) = 1;
   halt();

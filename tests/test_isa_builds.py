@@ -1,5 +1,5 @@
-"""Every CPU kernel build this machine can run (generic, AVX2, AVX-512 and
-AVX-512 with AMX), chosen through MLX_FLASH_ATTN_ISA in a fresh process and
+"""Every CPU kernel build this machine can run (generic, AVX2, AVX-512,
+AVX-512 with AVX512-BF16 and AVX-512 with AMX), chosen through MLX_FLASH_ATTN_ISA in a fresh process and
 checked against the float64 references by a slice of the forward and
 backward tests. The default run only exercises the best build."""
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).parent
-ISAS = ["generic", "avx2", "avx512", "avx512-amx"]
+ISAS = ["generic", "avx2", "avx512", "avx512-bf16", "avx512-amx"]
 
 
 def isa_in_child(isa):
@@ -68,7 +68,7 @@ def clang_compile(source, *args):
     assert res.returncode == 0 and "error" not in res.stderr, res.stderr[-3000:]
 
 
-CLANG_BUILDS = [("x86_64", isa) for isa in ["generic", "avx2", "avx512", "amx"]] + [
+CLANG_BUILDS = [("x86_64", isa) for isa in ["generic", "avx2", "avx512", "avx512bf16", "amx"]] + [
     ("aarch64", "generic")]
 
 

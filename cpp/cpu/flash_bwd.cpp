@@ -15,8 +15,8 @@
 
 #include "kernel_common.h"
 
-#if defined(__AMX_BF16__)
-#include "amx.h"
+#if defined(__AVX512BF16__)
+#include "bf16_gemm.h"
 #endif
 
 namespace flash_cpu {
@@ -49,11 +49,12 @@ struct FloatPacks {
   float *kt, *vt, *km, *qf, *dof;
 };
 
-// bfloat16 operands packed once for AMX (amx.h), in the avx512-amx build:
+// bfloat16 operands packed once for the dot-product GEMMs (bf16_gemm.h), in
+// the builds that have them (amx, avx512bf16):
 // per K/V head K^T and V^T (transposed pairs) and K (row pairs); per query
 // head Q and dO as plain rows and as row pairs. Rows are padded to a block
 // multiple plus one block (tasks may start mid-block), D and Dv to 32.
-struct AmxPacks {
+struct Bf16Packs {
   int lkp, lqp, dp, dvp;
   uint16_t *kt, *vt, *kr, *qrow, *dorow, *qr, *dor;
   // Offsets of head `kv` / `qh` (batch entry 0 when packed) in the packs.
@@ -70,7 +71,7 @@ struct Backward {
   const float* delta; // (B, Hq, Lq)
   float* partials;    // (B, Hq, nqb, 2): ALiBi and sink gradient sums per dQ task
   int nqb;            // query blocks per (batch, head)
-  const AmxPacks* amx; // bfloat16 on AMX: the packed operands; else null
+  const Bf16Packs* bf; // bfloat16 with dot products: the packed operands; else null
   const FloatPacks* fp; // otherwise: the float32 operands
 
   const T* q_row(int b, int h, long i) const {
@@ -192,15 +193,15 @@ struct Backward {
     pv_block<R>(ds + i * BK + c0, BK, 1, nullptr, km + c0 * Dp, Dp, 16, Dp, c1 - c0, dqa + i * Dp);
   }
 
-#if defined(__AMX_BF16__)
-  // The AMX operands of one block of query rows [i0, i0 + nq) of head h.
-  struct AmxBlock {
+#if defined(__AVX512BF16__)
+  // The bfloat16 operands of one block of query rows [i0, i0 + nq) of head h.
+  struct Bf16Block {
     size_t qh, kv;  // query head and K/V head in the packs
     int rows;       // nq rounded up to 32 (tile pairs)
     uint16_t* ds16; // rows x BK bfloat16 scratch, zero past nq
   };
-  AmxBlock amx_block(int b, int h, int hk, int nq, float* scratch) const {
-    AmxBlock ab{size_t(p.packed ? 0 : b) * p.Hq + h, size_t(p.packed ? 0 : b) * p.Hk + hk,
+  Bf16Block bf16_block(int b, int h, int hk, int nq, float* scratch) const {
+    Bf16Block ab{size_t(p.packed ? 0 : b) * p.Hq + h, size_t(p.packed ? 0 : b) * p.Hk + hk,
                 (nq + 31) / 32 * 32, reinterpret_cast<uint16_t*>(scratch)};
     memset(ab.ds16, 0, sizeof(uint16_t) * BQ * BK);
     tiles_begin();
@@ -208,11 +209,11 @@ struct Backward {
   }
   // S (scaled) and dP = dO V^T of `rows` query rows from i0 of query head
   // qh and keys [j0, j0 + BK) of K/V head kv.
-  void amx_scores(size_t qh, size_t kv, long i0, int rows, long j0, float* s, float* dp) const {
-    gemm_abt(amx->qrow + amx->query_d(qh) + size_t(i0) * amx->dp, rows, amx->dp, amx->dp,
-             amx->kt + amx->key_d(kv), amx->lkp, j0, s);
-    gemm_abt(amx->dorow + amx->query_dv(qh) + size_t(i0) * amx->dvp, rows, amx->dvp, amx->dvp,
-             amx->vt + amx->key_dv(kv), amx->lkp, j0, dp);
+  void bf16_scores(size_t qh, size_t kv, long i0, int rows, long j0, float* s, float* dp) const {
+    gemm_abt(bf->qrow + bf->query_d(qh) + size_t(i0) * bf->dp, rows, bf->dp, bf->dp,
+             bf->kt + bf->key_d(kv), bf->lkp, j0, s);
+    gemm_abt(bf->dorow + bf->query_dv(qh) + size_t(i0) * bf->dvp, rows, bf->dvp, bf->dvp,
+             bf->vt + bf->key_dv(kv), bf->lkp, j0, dp);
     const vf16 scale = splat(p.scale);
     for (int i = 0; i < rows * BK; i += 16) store16(s + i, load16(s + i) * scale);
   }
@@ -254,7 +255,7 @@ struct Backward {
   }
 
   // --- dQ pass: query blocks [qt * nqs, qt * nqs + nqs) of head h in batch
-  // b (nqs = 1 on AMX). Each key block any of them sees is taken once and
+  // b (nqs = 1 with bfloat16 dot products). Each key block any of them sees is taken once and
   // used by each block that sees some key of it. ---
   void dq_task(int b, int h, int qt, int nqs) const {
     const Seq sq = seq_of(p, a.fwd.seqs, b);
@@ -263,7 +264,7 @@ struct Backward {
     float *dqa, *s, *dp, *cap, *lse, *del, *tmp, *ds;
     carve_scratch({{&dqa, size_t(nqs) * BQ * Dp}, {&s, BQ * BK}, {&dp, BQ * BK},
                    {&cap, BQ * BK}, {&lse, size_t(nqs) * BQ}, {&del, size_t(nqs) * BQ},
-                   {&tmp, amx ? size_t(BQ) * amx->dp : 0}, {&ds, amx ? size_t(BQ) * BK / 2 : 0}});
+                   {&tmp, bf ? size_t(BQ) * bf->dp : 0}, {&ds, bf ? size_t(BQ) * BK / 2 : 0}});
     // Query block t: rows [i0, i0 + nq), its Q and dO, keys [kbeg, kend) it
     // may see, its ALiBi slope sum; its dQ sums, LSE and Delta at t * BQ.
     struct QBlock {
@@ -285,32 +286,32 @@ struct Backward {
       if (a.dmask)
         memset(a.dmask + row_index(b, h, q.i0) * p.Lk, 0, sizeof(float) * q.nq * size_t(p.Lk));
       visible_keys(p, sq, q.i0, q.i0 + q.nq, &q.kbeg, &q.kend);
-      // AMX tiles and K^T in BK-key panels are read by whole blocks: blocks
+      // bfloat16 packs and K^T in BK-key panels are read by whole blocks: blocks
       // start at multiples of BK, the per-row masks hide the keys outside
       // [kbeg, kend).
-      if (amx || fp->kw == BK) q.kbeg = q.kbeg / BK * BK;
+      if (bf || fp->kw == BK) q.kbeg = q.kbeg / BK * BK;
       widen(q.kbeg, q.kend, &kbeg, &kend);
     }
     if (nb == 0) return;
     memset(dqa, 0, sizeof(float) * nb * BQ * Dp);
     const float slope = p.has_alibi ? per_head(a.fwd.alibi, p.alibi_strides, b, h) : 0.0f;
-#if defined(__AMX_BF16__)
-    const AmxBlock ab = amx ? amx_block(b, h, hk, blk[0].nq, ds) : AmxBlock{};
+#if defined(__AVX512BF16__)
+    const Bf16Block ab = bf ? bf16_block(b, h, hk, blk[0].nq, ds) : Bf16Block{};
 #endif
     for (long j0 = kbeg; j0 < kend; j0 += BK) {
-      // Keys past a block's own range are hidden by its rows' masks (AMX:
+      // Keys past a block's own range are hidden by its rows' masks (bfloat16 packs:
       // whole blocks up to Lk, as packed).
-      const long last = amx ? p.Lk : kend;
+      const long last = bf ? p.Lk : kend;
       const int nk = last - j0 < BK ? int(last - j0) : BK;
       const float *kt = nullptr, *vt = nullptr, *km = nullptr;
-      if (!amx) key_cols(b, hk, j0, kt, vt, km);
+      if (!bf) key_cols(b, hk, j0, kt, vt, km);
       for (int t = 0; t < nb; ++t) {
         QBlock& q = blk[t];
         if (!ranges_meet(j0, j0 + nk, q.kbeg, q.kend)) continue;
         float *qdqa = dqa + t * BQ * Dp, *qlse = lse + t * BQ, *qdel = del + t * BQ;
-#if defined(__AMX_BF16__)
-        if (amx) {
-          amx_scores(ab.qh, ab.kv, q.i0, ab.rows, j0, s, dp);
+#if defined(__AVX512BF16__)
+        if (bf) {
+          bf16_scores(ab.qh, ab.kv, q.i0, ab.rows, j0, s, dp);
           probabilities(sq, b, h, q.i0, q.nq, j0, nk, slope, qlse, qdel, s, dp, cap);
         } else
 #endif
@@ -320,21 +321,21 @@ struct Backward {
         }
         score_grads(sq, b, h, q.i0, q.nq, j0, nk, dp, &q.dslope);
         if (p.softcap > 0.0f) softcap_chain(q.nq, dp, cap);
-#if defined(__AMX_BF16__)
-        if (amx) { // dQ += dS K
+#if defined(__AVX512BF16__)
+        if (bf) { // dQ += dS K
           for (int i = 0; i < q.nq; ++i) to_bf16(dp + i * BK, BK, ab.ds16 + i * BK);
-          gemm_ab(ab.ds16, ab.rows, amx->kr + amx->key_d(ab.kv), amx->dp, j0, tmp);
+          gemm_ab(ab.ds16, ab.rows, bf->kr + bf->key_d(ab.kv), bf->dp, j0, tmp);
           for (int i = 0; i < q.nq; ++i)
             for (int d = 0; d < Dp; d += 16)
-              store16(qdqa + i * Dp + d, load16(qdqa + i * Dp + d) + load16(tmp + i * amx->dp + d));
+              store16(qdqa + i * Dp + d, load16(qdqa + i * Dp + d) + load16(tmp + i * bf->dp + d));
           continue;
         }
 #endif
         for_row_blocks(q.nq, [&]<int R>(int i) { dq_rows<R>(sq, q.i0, i, j0, nk, dp, km, qdqa); });
       }
     }
-#if defined(__AMX_BF16__)
-    if (amx) tiles_end();
+#if defined(__AVX512BF16__)
+    if (bf) tiles_end();
 #endif
     for (int t = 0; t < nb; ++t)
       write_dq(b, h, blk[t].i0, blk[t].nq, dqa + t * BQ * Dp, lse + t * BQ, del + t * BQ,
@@ -358,20 +359,20 @@ struct Backward {
     if (nk == 0) return;
     const int D = p.D, Dv = p.Dv, Dp = pad16(D), dvp = pad16(Dv);
     float *dka, *dva, *pt, *dst, *s, *dp, *cap, *lse, *del, *tmp, *pd16;
-    const size_t amx_cols = amx ? size_t(amx->dp > amx->dvp ? amx->dp : amx->dvp) : 0;
-    const size_t amx_block = amx ? size_t(BK) * BQ : 0;
-    carve_scratch({{&dka, size_t(nk) * Dp}, {&dva, size_t(nk) * dvp}, {&pt, amx_block},
-                   {&dst, amx_block}, {&s, BQ * BK}, {&dp, BQ * BK}, {&cap, BQ * BK},
-                   {&lse, BQ}, {&del, BQ}, {&tmp, BK * amx_cols}, {&pd16, amx_block}});
+    const size_t cols16 = bf ? size_t(bf->dp > bf->dvp ? bf->dp : bf->dvp) : 0;
+    const size_t block16 = bf ? size_t(BK) * BQ : 0;
+    carve_scratch({{&dka, size_t(nk) * Dp}, {&dva, size_t(nk) * dvp}, {&pt, block16},
+                   {&dst, block16}, {&s, BQ * BK}, {&dp, BQ * BK}, {&cap, BQ * BK},
+                   {&lse, BQ}, {&del, BQ}, {&tmp, BK * cols16}, {&pd16, block16}});
     const float *qf = nullptr, *dof = nullptr;
 
     memset(dka, 0, sizeof(float) * nk * Dp);
     memset(dva, 0, sizeof(float) * nk * dvp);
     long qbeg, qend;
     visible_queries(p, sq, j0, j0 + nk, &qbeg, &qend);
-#if defined(__AMX_BF16__)
-    if (amx)
-      return dkv_task_amx(b, hk, sq, j0, nk, qbeg, qend, dka, dva,
+#if defined(__AVX512BF16__)
+    if (bf)
+      return dkv_task_bf16(b, hk, sq, j0, nk, qbeg, qend, dka, dva,
                           {s, dp, cap, lse, del, pt, dst, tmp, reinterpret_cast<uint16_t*>(pd16)});
 #endif
     for (int h = hk * p.gqa_ratio; h < (hk + 1) * p.gqa_ratio; ++h) {
@@ -465,8 +466,8 @@ struct Backward {
     }
   }
 
-#if defined(__AMX_BF16__)
-  // The dK/dV task on AMX: query blocks aligned to BQ (Q and dO are read in
+#if defined(__AVX512BF16__)
+  // The dK/dV task with bfloat16 dot products: query blocks aligned to BQ (Q and dO are read in
   // pairs of rows); S and dP as in the dQ pass, then P^T and dS^T (through
   // float32 transposes) times the packed dO and Q.
   // The dK/dV task's scratch: float32 blocks, tmp (BK x the wider padded
@@ -475,7 +476,7 @@ struct Backward {
     float *s, *dp, *cap, *lse, *del, *pt, *dst, *tmp;
     uint16_t* pd16;
   };
-  void dkv_task_amx(int b, int hk, const Seq& sq, long j0, int nk, long qbeg, long qend,
+  void dkv_task_bf16(int b, int hk, const Seq& sq, long j0, int nk, long qbeg, long qend,
                     float* dka, float* dva, const DkvScratch& w) const {
     float *s = w.s, *dp = w.dp, *cap = w.cap, *lse = w.lse, *del = w.del, *pt = w.pt,
           *dst = w.dst, *tmp = w.tmp;
@@ -491,7 +492,7 @@ struct Backward {
         const int nq = qend - i0 < BQ ? int(qend - i0) : BQ;
         const float *unused_q, *unused_do; // the packs hold Q and dO here
         query_rows(b, h, i0, nq, unused_q, unused_do, lse, del);
-        amx_scores(qh, kv, i0, (nq + 31) / 32 * 32, j0, s, dp);
+        bf16_scores(qh, kv, i0, (nq + 31) / 32 * 32, j0, s, dp);
         probabilities(sq, b, h, i0, nq, j0, nk, slope, lse, del, s, dp, cap);
         if (p.softcap > 0.0f) softcap_chain(nq, dp, cap);
         for (int j = 0; j < BK; ++j)
@@ -501,14 +502,14 @@ struct Backward {
           }
         to_bf16(pt, BK * BQ, pt16);
         to_bf16(dst, BK * BQ, dst16);
-        gemm_ab(pt16, keyrows, amx->dor + amx->query_dv(qh), amx->dvp, i0, tmp); // dV += (P z)^T dO
+        gemm_ab(pt16, keyrows, bf->dor + bf->query_dv(qh), bf->dvp, i0, tmp); // dV += (P z)^T dO
         for (int j = 0; j < nk; ++j)
           for (int d = 0; d < dvp; d += 16)
-            store16(dva + j * dvp + d, load16(dva + j * dvp + d) + load16(tmp + j * amx->dvp + d));
-        gemm_ab(dst16, keyrows, amx->qr + amx->query_d(qh), amx->dp, i0, tmp); // dK += dS^T Q
+            store16(dva + j * dvp + d, load16(dva + j * dvp + d) + load16(tmp + j * bf->dvp + d));
+        gemm_ab(dst16, keyrows, bf->qr + bf->query_d(qh), bf->dp, i0, tmp); // dK += dS^T Q
         for (int j = 0; j < nk; ++j)
           for (int d = 0; d < Dp; d += 16)
-            store16(dka + j * Dp + d, load16(dka + j * Dp + d) + load16(tmp + j * amx->dp + d));
+            store16(dka + j * Dp + d, load16(dka + j * Dp + d) + load16(tmp + j * bf->dp + d));
       }
     }
     tiles_end();
@@ -537,10 +538,10 @@ void parallel(int64_t n, const F& f) {
                const_cast<F*>(&f));
 }
 
-#if defined(__AMX_BF16__)
-// Packs the bfloat16 operands of the AMX backward (AmxPacks) in parallel
+#if defined(__AVX512BF16__)
+// Packs the bfloat16 operands of the dot-product backward (Bf16Packs) in parallel
 // over heads; returns the buffer holding them.
-uint16_t* pack_backward(const BackwardArgs& a, AmxPacks& pk) {
+uint16_t* pack_backward(const BackwardArgs& a, Bf16Packs& pk) {
   const FlashParams& p = *a.fwd.p;
   const int nb = p.packed ? 1 : p.B;
   pk.lkp = round_up(p.Lk, BK) + BK;
@@ -644,10 +645,10 @@ void run_heads(const Backward<T>& bw, int64_t first, int64_t n, int nkb, bool fu
     });
     return;
   }
-  // kDqBlocks query blocks per dQ task (1 on AMX), fewer where that would
+  // kDqBlocks query blocks per dQ task (1 with bfloat16 dot products), fewer where that would
   // leave less than 4 tasks per thread.
   const int64_t nqh = n * p.gqa_ratio * nseq;
-  int nqs = bw.amx ? 1 : kDqBlocks, nqt;
+  int nqs = bw.bf ? 1 : kDqBlocks, nqt;
   for (;; nqs /= 2) {
     nqt = (nqb + nqs - 1) / nqs;
     if (nqs == 1 || nqh * nqt >= 4 * num_threads()) break;
@@ -673,13 +674,13 @@ void run_backward(const BackwardArgs& a) {
   // Partial sums start at 0: blocks past a short packed sequence have no
   // task rows to write theirs.
   memset(delta + nbh * p.Lq, 0, sizeof(float) * 2 * nbh * nqb);
-  // bfloat16 with AMX: the GEMMs run on tiles over operands packed once;
-  // otherwise on FMAs over operands converted to float32 a wave of heads at
-  // a time.
-  AmxPacks packs{};
+  // bfloat16 with dot products: the GEMMs run on bfloat16 pairs over
+  // operands packed once; otherwise on FMAs over operands converted to
+  // float32 a wave of heads at a time.
+  Bf16Packs packs{};
   FloatPacks fpacks{};
   void* packed_operands = nullptr;
-#if defined(__AMX_BF16__)
+#if defined(__AVX512BF16__)
   if constexpr (is_bf16<T>) packed_operands = pack_backward(a, packs);
 #endif
   if (!packed_operands) packed_operands = alloc_float_packs(p, nkv, fpacks);

@@ -69,6 +69,7 @@ void* thread_scratch(size_t nbytes);
   void backward(const BackwardArgs& args); \
   }
 FA_DECLARE_ISA(amx) // AVX-512 plus AMX tiles for bfloat16
+FA_DECLARE_ISA(avx512bf16) // AVX-512 plus AVX512-BF16 dot products for bfloat16
 FA_DECLARE_ISA(avx512)
 FA_DECLARE_ISA(avx2)
 FA_DECLARE_ISA(generic)

@@ -17,8 +17,8 @@
 
 #include "kernel_common.h"
 
-#if defined(__AMX_BF16__)
-#include "amx.h"
+#if defined(__AVX512BF16__)
+#include "bf16_gemm.h"
 #endif
 
 namespace flash_cpu {
@@ -435,13 +435,14 @@ struct Task {
   }
 };
 
-#if defined(__AMX_BF16__)
+#if defined(__AVX512BF16__)
 // ---------------------------------------------------------------------------
-// bfloat16 on AMX: the same task with the two block GEMMs on tiles (amx.h).
+// bfloat16 with dot-product instructions (AMX tiles or AVX512-BF16, see
+// bf16_gemm.h): the same task with the two block GEMMs on bfloat16 pairs.
 // K and V are packed into the tile layouts once per head beforehand, so the
 // per-block work is the GEMMs and the float32 softmax in between.
 // ---------------------------------------------------------------------------
-struct AmxTask {
+struct Bf16Task {
   const Task<bf16_t>& base; // options, softmax and finish are shared
   int lkp, dp, dvp;         // keys padded to BK, D to 32, Dv to 16
   const uint16_t* kpack;    // per (batch, K/V head), or per K/V head when
@@ -521,17 +522,17 @@ void run_tasks(const TaskT& t, const TaskOrder& order, int64_t begin, int64_t en
   }, &ctx);
 }
 
-#if defined(__AMX_BF16__)
+#if defined(__AVX512BF16__)
 // Packs K and V of every (batch, K/V head) in parallel, then runs the tasks.
-void run_amx(const Task<bf16_t>& task, const TaskOrder& order) {
+void run_bf16(const Task<bf16_t>& task, const TaskOrder& order) {
   const FlashParams& p = task.p;
   const int64_t nheads = order.kv_heads();
-  AmxTask amx{task, round_up(p.Lk, BK), round_up(p.D, 32), round_up(p.Dv, 16), nullptr, nullptr};
-  uint16_t* buf = alloc_aligned<uint16_t>(nheads * (amx.k_elems() + amx.v_elems()));
-  amx.kpack = buf;
-  amx.vpack = buf + nheads * amx.k_elems();
+  Bf16Task bf{task, round_up(p.Lk, BK), round_up(p.D, 32), round_up(p.Dv, 16), nullptr, nullptr};
+  uint16_t* buf = alloc_aligned<uint16_t>(nheads * (bf.k_elems() + bf.v_elems()));
+  bf.kpack = buf;
+  bf.vpack = buf + nheads * bf.k_elems();
   parallel_for(nheads, [](void* c, int64_t i) {
-    const AmxTask& t = *static_cast<const AmxTask*>(c);
+    const Bf16Task& t = *static_cast<const Bf16Task*>(c);
     const FlashParams& p = t.base.p;
     const int b = int(i / p.Hk), hk = int(i % p.Hk);
     const uint16_t* k =
@@ -542,8 +543,8 @@ void run_amx(const Task<bf16_t>& task, const TaskOrder& order) {
                           const_cast<uint16_t*>(t.kpack) + i * t.k_elems());
     pack_row_pairs(v, p.Lk, p.Dv, p.v_strides[2], p.v_strides[3], t.lkp, t.dvp,
                    const_cast<uint16_t*>(t.vpack) + i * t.v_elems());
-  }, &amx);
-  run_tasks(amx, order, 0, nheads * order.per_kv_head());
+  }, &bf);
+  run_tasks(bf, order, 0, nheads * order.per_kv_head());
   free(buf);
 }
 #endif
@@ -613,8 +614,8 @@ void run_all(const ForwardArgs& a) {
   // worth it when several query blocks reuse them, not for decoding (one
   // block per head), where the blocks are converted as they stream by.
   if (nqb < 2) return run_decode(task, order);
-#if defined(__AMX_BF16__)
-  if constexpr (is_bf16<T>) return run_amx(task, order);
+#if defined(__AVX512BF16__)
+  if constexpr (is_bf16<T>) return run_bf16(task, order);
 #endif
   // kSubBlocks query blocks per task, fewer where that would leave less
   // than 4 tasks per thread.

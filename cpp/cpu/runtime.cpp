@@ -25,6 +25,13 @@ namespace flash_cpu {
 namespace {
 
 #if defined(FA_HAVE_X86_KERNELS)
+// AVX512-BF16 (CPUID leaf 7, subleaf 1, EAX bit 5): bfloat16 dot products
+// and conversions.
+bool avx512_bf16() {
+  unsigned a, b, c, d;
+  return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 5 & 1);
+}
+
 // AMX tiles with bfloat16 dot products, and AVX512-BF16 conversions. Linux
 // hands out the tile state only to processes that ask for it
 // (ARCH_REQ_XCOMP_PERM for XTILEDATA); the request fails where the kernel or
@@ -33,10 +40,8 @@ bool amx_bf16_usable() {
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
   const bool tiles = (d >> 22 & 1) && (d >> 24 & 1); // AMX-BF16, AMX-TILE
-  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
-  const bool avx512_bf16 = a >> 5 & 1;
   constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  return tiles && avx512_bf16 &&
+  return tiles && avx512_bf16() &&
          syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 #endif
@@ -58,6 +63,8 @@ Isa detect_isa() {
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   if (avx512 && allowed("avx512-amx") && amx_bf16_usable())
     return {"avx512-amx", &amx::forward, &amx::backward};
+  if (avx512 && allowed("avx512-bf16") && avx512_bf16())
+    return {"avx512-bf16", &avx512bf16::forward, &avx512bf16::backward};
   if (avx512 && allowed("avx512")) return {"avx512", &avx512::forward, &avx512::backward};
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c") && allowed("avx2"))

@@ -1,14 +1,18 @@
-// AMX building blocks for bfloat16 inputs (the "amx" build only): operands
-// packed into the tile layouts, and two block GEMMs on 16x16 float32 tiles.
+// bfloat16 block GEMMs on dot-product instructions, for bfloat16 inputs:
+// AMX tiles in the "amx" build, AVX512-BF16 vectors (VDPBF16PS) in the
+// "avx512bf16" build. Both take operands packed into the same layouts and
+// compute the same two products, so the kernels around them are shared.
 //
-// An AMX dot product C (16 x 16 f32) += A (16 x 32 bf16) B, where A is 16
+// A dot product C (16 x 16 f32) += A (16 x 32 bf16) B, where A is 16
 // plain rows and B holds 32 rows of 16 columns as 16 rows of (column, row
-// pair) words. Two packed layouts of an (n x d) matrix X cover every use:
+// pair) words (AMX's B tile; VDPBF16PS multiplies a vector of 16 such
+// words by a broadcast pair of A). Two packed layouts of an (n x d)
+// matrix X cover every use:
 //   "transposed pairs" (B = X^T): word (r, i) = X[i][2r], X[i][2r + 1],
 //     e.g. K for S = Q K^T, V for dP = dO V^T;
 //   "row pairs" (B = X):          word (r, c) = X[2r][c], X[2r + 1][c],
 //     e.g. V for O = P V, K for dQ = dS K, Q and dO for dK and dV.
-// Tile registers: C in tmm0-3, A and B in tmm2-7.
+// Tile registers (AMX): C in tmm0-3, A and B in tmm2-7.
 #pragma once
 
 #include <immintrin.h>
@@ -18,6 +22,7 @@ namespace flash_cpu {
 namespace FA_ISA {
 namespace {
 
+#if defined(__AMX_BF16__)
 constexpr int kTile = 16; // rows of a tile; 64 bytes per row
 
 struct TileConfig {
@@ -40,6 +45,10 @@ inline void tiles_begin() {
 inline void tiles_end() {
   _tile_release();
 }
+#else // vectors need no setup
+inline void tiles_begin() {}
+inline void tiles_end() {}
+#endif
 
 inline int round_up(long n, int m) {
   return int((n + m - 1) / m * m);
@@ -67,9 +76,14 @@ inline void pack_row_pairs(const uint16_t* x, long n, int d, fa_index_t rs, fa_i
       out[(size_t(i / 2) * dp + c) * 2 + i % 2] = i < n && c < d ? x[i * rs + c * cs] : 0;
 }
 
-// C (rows x 64 f32, row stride 64) = A (rows x kd bf16, row stride lda) B^T,
-// B^T in transposed pairs with np columns, from column (row of B) j0; rows a
-// multiple of 32, kd of 32.
+// The two block GEMMs; rows a multiple of 32, kd of 32.
+// gemm_abt: C (rows x 64 f32, row stride 64) = A (rows x kd bf16, row
+//   stride lda) B^T, B^T in transposed pairs with np columns, from column
+//   (row of B) j0.
+// gemm_ab: C (rows x n f32, row stride n) = A (rows x 64 bf16, row stride
+//   64) B, B the 64 rows from row i0 (even) of a row-pairs pack of n columns
+//   (n a multiple of 16).
+#if defined(__AMX_BF16__)
 inline void gemm_abt(const uint16_t* a, int rows, int lda, int kd, const uint16_t* bt, int np,
                      long j0, float* c) {
   static_assert(BK == 64, "gemm_abt makes 64-column blocks");
@@ -97,9 +111,7 @@ inline void gemm_abt(const uint16_t* a, int rows, int lda, int kd, const uint16_
     }
 }
 
-// C (rows x n f32, row stride n) = A (rows x 64 bf16, row stride 64) B, B the
-// 64 rows from row i0 (even) of a row-pairs pack of n columns (n a multiple
-// of 16); rows a multiple of 32. The 64 inner rows are two steps of 32.
+// The 64 inner rows are two steps of 32.
 inline void gemm_ab(const uint16_t* a, int rows, const uint16_t* b, int n, long i0, float* c) {
   for (int r = 0; r < rows; r += 2 * kTile) {
     _tile_loadd(2, a + r * BK, BK * 2);
@@ -121,6 +133,59 @@ inline void gemm_ab(const uint16_t* a, int rows, const uint16_t* b, int n, long 
     }
   }
 }
+
+#else
+// AVX512-BF16: R rows of A against 16 * NC columns of B, accumulated in R
+// x NC vectors over the inner dimension's kd / 2 pairs. a: the rows (row
+// stride lda), b: the first columns' words of pair 0, the next pair's
+// words bstride words on; c: the outputs (row stride ldc).
+template <int R, int NC>
+inline void dot_rows(const uint16_t* a, int lda, int kd, const uint16_t* b, size_t bstride,
+                     float* c, int ldc) {
+  __m512 acc[R][NC];
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < NC; ++k) acc[r][k] = _mm512_setzero_ps();
+  for (int d = 0; d < kd; d += 2, b += 2 * bstride) {
+    __m512bh bv[NC];
+    for (int k = 0; k < NC; ++k) bv[k] = (__m512bh)_mm512_loadu_si512(b + 32 * k);
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      memcpy(&pair, a + r * lda + d, 4);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(int(pair));
+      for (int k = 0; k < NC; ++k) acc[r][k] = _mm512_dpbf16_ps(acc[r][k], av, bv[k]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < NC; ++k) _mm512_storeu_ps(c + r * ldc + 16 * k, acc[r][k]);
+}
+
+// dot_rows over `rows` rows (a multiple of 32) and n columns (a multiple of
+// 16): register blocks of kDotRows rows x 64 columns, then narrower ones.
+constexpr int kDotRows = 4;
+inline void dot_block(const uint16_t* a, int rows, int lda, int kd, const uint16_t* b,
+                      size_t bstride, int n, float* c) {
+  for (int r = 0; r < rows; r += kDotRows) {
+    const uint16_t* ar = a + size_t(r) * lda;
+    float* cr = c + size_t(r) * n;
+    int col = 0;
+    for (; col + 64 <= n; col += 64) dot_rows<kDotRows, 4>(ar, lda, kd, b + 2 * col, bstride, cr + col, n);
+    switch ((n - col) / 16) {
+      case 3: dot_rows<kDotRows, 3>(ar, lda, kd, b + 2 * col, bstride, cr + col, n); break;
+      case 2: dot_rows<kDotRows, 2>(ar, lda, kd, b + 2 * col, bstride, cr + col, n); break;
+      case 1: dot_rows<kDotRows, 1>(ar, lda, kd, b + 2 * col, bstride, cr + col, n); break;
+      default: break;
+    }
+  }
+}
+
+inline void gemm_abt(const uint16_t* a, int rows, int lda, int kd, const uint16_t* bt, int np,
+                     long j0, float* c) {
+  dot_block(a, rows, lda, kd, bt + size_t(j0) * 2, size_t(np), BK, c);
+}
+inline void gemm_ab(const uint16_t* a, int rows, const uint16_t* b, int n, long i0, float* c) {
+  dot_block(a, rows, BK, BK, b + size_t(i0 / 2) * n * 2, size_t(n), n, c);
+}
+#endif
 
 // Float32 to bfloat16 (round to nearest even), n a multiple of 32.
 inline void to_bf16(const float* x, int n, uint16_t* y) {

@@ -55,25 +55,50 @@ inline int round_up(long n, int m) {
 }
 
 // X (n x d, element strides rs, cs) packed, zero-padded to np rows (even)
-// and dp columns; the padding multiplies as zeros.
+// and dp columns (dp <= FA_MAX_HEAD_DIM); the padding multiplies as zeros.
+// Row i of X, zero-padded to dp columns, into row.
+inline void padded_row(const uint16_t* x, long n, int d, fa_index_t rs, fa_index_t cs, int dp,
+                       long i, uint16_t* row) {
+  int c = 0;
+  if (i < n && cs == 1) {
+    memcpy(row, x + i * rs, sizeof(uint16_t) * d);
+    c = d;
+  } else if (i < n) {
+    for (; c < d; ++c) row[c] = x[i * rs + c * cs];
+  }
+  for (; c < dp; ++c) row[c] = 0;
+}
 inline void pack_rows(const uint16_t* x, long n, int d, fa_index_t rs, fa_index_t cs, int np,
                       int dp, uint16_t* out) { // plain rows: out[i * dp + c]
-  for (int i = 0; i < np; ++i)
-    for (int c = 0; c < dp; ++c) out[size_t(i) * dp + c] = i < n && c < d ? x[i * rs + c * cs] : 0;
+  for (int i = 0; i < np; ++i) padded_row(x, n, d, rs, cs, dp, i, out + size_t(i) * dp);
 }
+// Transposed pairs are the transpose of X's rows read as dp / 2 32-bit
+// words: 8 rows at a time, transposed in registers by 8 x 8 words
+// (transpose8 moves bits, whatever the floats they would be), one 8-word
+// run written per packed row (word by word, every store missed).
 inline void pack_transposed_pairs(const uint16_t* x, long n, int d, fa_index_t rs, fa_index_t cs,
-                                  int np, int dp, uint16_t* out) { // dp even
-  // Row by row of X: the writes of 16 consecutive rows fill whole cache
-  // lines of the packed rows.
-  for (int i = 0; i < np; ++i)
-    for (int c = 0; c < dp; ++c)
-      out[(size_t(c / 2) * np + i) * 2 + c % 2] = i < n && c < d ? x[i * rs + c * cs] : 0;
+                                  int np, int dp, uint16_t* out) { // np a multiple of 8, dp of 16
+  uint16_t rows[8][FA_MAX_HEAD_DIM];
+  for (int i0 = 0; i0 < np; i0 += 8) {
+    for (int t = 0; t < 8; ++t) padded_row(x, n, d, rs, cs, dp, i0 + t, rows[t]);
+    for (int w = 0; w < dp / 2; w += 8) {
+      vf8 r[8];
+      for (int t = 0; t < 8; ++t) memcpy(&r[t], rows[t] + 2 * w, sizeof(vf8));
+      transpose8(r);
+      for (int k = 0; k < 8; ++k) memcpy(out + (size_t(w + k) * np + i0) * 2, &r[k], sizeof(vf8));
+    }
+  }
 }
 inline void pack_row_pairs(const uint16_t* x, long n, int d, fa_index_t rs, fa_index_t cs, int np,
                            int dp, uint16_t* out) { // np even
-  for (int i = 0; i < np; ++i)
-    for (int c = 0; c < dp; ++c)
-      out[(size_t(i / 2) * dp + c) * 2 + i % 2] = i < n && c < d ? x[i * rs + c * cs] : 0;
+  uint16_t a[FA_MAX_HEAD_DIM], b[FA_MAX_HEAD_DIM];
+  uint32_t words[FA_MAX_HEAD_DIM];
+  for (int i = 0; i < np; i += 2) {
+    padded_row(x, n, d, rs, cs, dp, i, a);
+    padded_row(x, n, d, rs, cs, dp, i + 1, b);
+    for (int c = 0; c < dp; ++c) words[c] = a[c] | uint32_t(b[c]) << 16;
+    memcpy(out + size_t(i) * dp, words, sizeof(uint32_t) * dp);
+  }
 }
 
 // The two block GEMMs; rows a multiple of 32, kd of 32.

@@ -108,6 +108,7 @@ inline void pack_row_pairs(const uint16_t* x, long n, int d, fa_index_t rs, fa_i
 // gemm_ab: C (rows x n f32, row stride n) = A (rows x 64 bf16, row stride
 //   64) B, B the 64 rows from row i0 (even) of a row-pairs pack of n columns
 //   (n a multiple of 16).
+// (gemm_ab_add, below each build's two, accumulates gemm_ab's product.)
 #if defined(__AMX_BF16__)
 inline void gemm_abt(const uint16_t* a, int rows, int lda, int kd, const uint16_t* bt, int np,
                      long j0, float* c) {
@@ -159,17 +160,36 @@ inline void gemm_ab(const uint16_t* a, int rows, const uint16_t* b, int n, long 
   }
 }
 
+// gemm_ab_add: C (nr x nc, row stride ldc) = alpha[r] C + A B (alpha null:
+//   1) over the first nc columns (a multiple of 16) of gemm_ab's B. A has
+//   round_up(nr, 32) rows, zero past nr (tiles read them all); tmp:
+//   round_up(nr, 32) x n floats of scratch.
+inline void gemm_ab_add(const uint16_t* a, int nr, const uint16_t* b, int n, long i0, int nc,
+                        const float* alpha, float* c, int ldc, float* tmp) {
+  gemm_ab(a, round_up(nr, 32), b, n, i0, tmp); // tiles store whole: A B apart
+  for (int r = 0; r < nr; ++r) {
+    const vf16 al = splat(alpha ? alpha[r] : 1.0f);
+    for (int d = 0; d < nc; d += 16)
+      store16(c + r * ldc + d, load16(c + r * ldc + d) * al + load16(tmp + r * n + d));
+  }
+}
+
 #else
-// AVX512-BF16: R rows of A against 16 * NC columns of B, accumulated in R
-// x NC vectors over the inner dimension's kd / 2 pairs. a: the rows (row
-// stride lda), b: the first columns' words of pair 0, the next pair's
-// words bstride words on; c: the outputs (row stride ldc).
+// AVX512-BF16: R rows of A against 16 * NC columns of B, in R x NC vectors
+// over the inner dimension's kd / 2 pairs, starting from 0 or (add) from
+// alpha[r] C. a: the rows (row stride lda), b: the first columns' words
+// of pair 0, the next pair's words bstride words on; c: the outputs (row
+// stride ldc).
 template <int R, int NC>
-inline void dot_rows(const uint16_t* a, int lda, int kd, const uint16_t* b, size_t bstride,
-                     float* c, int ldc) {
+FA_GEMM void dot_rows(const uint16_t* a, int lda, int kd, const uint16_t* b, size_t bstride,
+                     float* c, int ldc, bool add, const float* alpha) {
   __m512 acc[R][NC];
-  for (int r = 0; r < R; ++r)
-    for (int k = 0; k < NC; ++k) acc[r][k] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    const __m512 al = _mm512_set1_ps(alpha ? alpha[r] : 1.0f);
+    for (int k = 0; k < NC; ++k)
+      acc[r][k] = add ? _mm512_mul_ps(_mm512_loadu_ps(c + r * ldc + 16 * k), al)
+                      : _mm512_setzero_ps();
+  }
   for (int d = 0; d < kd; d += 2, b += 2 * bstride) {
     __m512bh bv[NC];
     for (int k = 0; k < NC; ++k) bv[k] = (__m512bh)_mm512_loadu_si512(b + 32 * k);
@@ -184,31 +204,44 @@ inline void dot_rows(const uint16_t* a, int lda, int kd, const uint16_t* b, size
     for (int k = 0; k < NC; ++k) _mm512_storeu_ps(c + r * ldc + 16 * k, acc[r][k]);
 }
 
-// dot_rows over `rows` rows (a multiple of 32) and n columns (a multiple of
-// 16): register blocks of kDotRows rows x 64 columns, then narrower ones.
-constexpr int kDotRows = 4;
-inline void dot_block(const uint16_t* a, int rows, int lda, int kd, const uint16_t* b,
-                      size_t bstride, int n, float* c) {
-  for (int r = 0; r < rows; r += kDotRows) {
-    const uint16_t* ar = a + size_t(r) * lda;
-    float* cr = c + size_t(r) * n;
-    int col = 0;
-    for (; col + 64 <= n; col += 64) dot_rows<kDotRows, 4>(ar, lda, kd, b + 2 * col, bstride, cr + col, n);
-    switch ((n - col) / 16) {
-      case 3: dot_rows<kDotRows, 3>(ar, lda, kd, b + 2 * col, bstride, cr + col, n); break;
-      case 2: dot_rows<kDotRows, 2>(ar, lda, kd, b + 2 * col, bstride, cr + col, n); break;
-      case 1: dot_rows<kDotRows, 1>(ar, lda, kd, b + 2 * col, bstride, cr + col, n); break;
-      default: break;
-    }
+// dot_rows over nr rows and nc columns (a multiple of 16): register blocks
+// of 4 rows x 64 columns, then narrower and shorter ones.
+template <int R>
+inline void dot_cols(const uint16_t* a, int lda, int kd, const uint16_t* b, size_t bstride,
+                     int nc, float* c, int ldc, bool add, const float* alpha) {
+  int col = 0;
+  for (; col + 64 <= nc; col += 64)
+    dot_rows<R, 4>(a, lda, kd, b + 2 * col, bstride, c + col, ldc, add, alpha);
+  switch ((nc - col) / 16) {
+    case 3: dot_rows<R, 3>(a, lda, kd, b + 2 * col, bstride, c + col, ldc, add, alpha); break;
+    case 2: dot_rows<R, 2>(a, lda, kd, b + 2 * col, bstride, c + col, ldc, add, alpha); break;
+    case 1: dot_rows<R, 1>(a, lda, kd, b + 2 * col, bstride, c + col, ldc, add, alpha); break;
+    default: break;
   }
+}
+inline void dot_block(const uint16_t* a, int nr, int lda, int kd, const uint16_t* b,
+                      size_t bstride, int nc, float* c, int ldc, bool add, const float* alpha) {
+  int r = 0;
+  auto rows = [&]<int R>() {
+    dot_cols<R>(a + size_t(r) * lda, lda, kd, b, bstride, nc, c + size_t(r) * ldc, ldc, add,
+                alpha ? alpha + r : nullptr);
+    r += R;
+  };
+  while (r + 4 <= nr) rows.template operator()<4>();
+  if (r + 2 <= nr) rows.template operator()<2>();
+  if (r < nr) rows.template operator()<1>();
 }
 
 inline void gemm_abt(const uint16_t* a, int rows, int lda, int kd, const uint16_t* bt, int np,
                      long j0, float* c) {
-  dot_block(a, rows, lda, kd, bt + size_t(j0) * 2, size_t(np), BK, c);
+  dot_block(a, rows, lda, kd, bt + size_t(j0) * 2, size_t(np), BK, c, BK, false, nullptr);
 }
 inline void gemm_ab(const uint16_t* a, int rows, const uint16_t* b, int n, long i0, float* c) {
-  dot_block(a, rows, BK, BK, b + size_t(i0 / 2) * n * 2, size_t(n), n, c);
+  dot_block(a, rows, BK, BK, b + size_t(i0 / 2) * n * 2, size_t(n), n, c, n, false, nullptr);
+}
+inline void gemm_ab_add(const uint16_t* a, int nr, const uint16_t* b, int n, long i0, int nc,
+                        const float* alpha, float* c, int ldc, float*) {
+  dot_block(a, nr, BK, BK, b + size_t(i0 / 2) * n * 2, size_t(n), nc, c, ldc, true, alpha);
 }
 #endif
 

@@ -324,10 +324,8 @@ struct Backward {
 #if defined(__AVX512BF16__)
         if (bf) { // dQ += dS K
           for (int i = 0; i < q.nq; ++i) to_bf16(dp + i * BK, BK, ab.ds16 + i * BK);
-          gemm_ab(ab.ds16, ab.rows, bf->kr + bf->key_d(ab.kv), bf->dp, j0, tmp);
-          for (int i = 0; i < q.nq; ++i)
-            for (int d = 0; d < Dp; d += 16)
-              store16(qdqa + i * Dp + d, load16(qdqa + i * Dp + d) + load16(tmp + i * bf->dp + d));
+          gemm_ab_add(ab.ds16, q.nq, bf->kr + bf->key_d(ab.kv), bf->dp, j0, Dp, nullptr, qdqa, Dp,
+                      tmp);
           continue;
         }
 #endif
@@ -482,7 +480,6 @@ struct Backward {
           *dst = w.dst, *tmp = w.tmp;
     uint16_t *pt16 = w.pd16, *dst16 = w.pd16 + BK * BQ;
     const int Dp = pad16(p.D), dvp = pad16(p.Dv);
-    const int keyrows = (nk + 31) / 32 * 32;
     const size_t kv = size_t(p.packed ? 0 : b) * p.Hk + hk;
     tiles_begin();
     for (int h = hk * p.gqa_ratio; h < (hk + 1) * p.gqa_ratio; ++h) {
@@ -502,14 +499,9 @@ struct Backward {
           }
         to_bf16(pt, BK * BQ, pt16);
         to_bf16(dst, BK * BQ, dst16);
-        gemm_ab(pt16, keyrows, bf->dor + bf->query_dv(qh), bf->dvp, i0, tmp); // dV += (P z)^T dO
-        for (int j = 0; j < nk; ++j)
-          for (int d = 0; d < dvp; d += 16)
-            store16(dva + j * dvp + d, load16(dva + j * dvp + d) + load16(tmp + j * bf->dvp + d));
-        gemm_ab(dst16, keyrows, bf->qr + bf->query_d(qh), bf->dp, i0, tmp); // dK += dS^T Q
-        for (int j = 0; j < nk; ++j)
-          for (int d = 0; d < Dp; d += 16)
-            store16(dka + j * Dp + d, load16(dka + j * Dp + d) + load16(tmp + j * bf->dp + d));
+        // dV += (P z)^T dO, dK += dS^T Q
+        gemm_ab_add(pt16, nk, bf->dor + bf->query_dv(qh), bf->dvp, i0, dvp, nullptr, dva, dvp, tmp);
+        gemm_ab_add(dst16, nk, bf->qr + bf->query_d(qh), bf->dp, i0, Dp, nullptr, dka, Dp, tmp);
       }
     }
     tiles_end();

@@ -496,13 +496,7 @@ struct Bf16Task {
       for (int c = 0; c < nq * BK; c += 16) store16(s + c, load16(s + c) * scale);
       base.probabilities(b, sq, h0, nqh, i0, nq, j0, nk, s, m, l, alpha);
       for (int r = 0; r < nq; ++r) to_bf16(s + r * BK, BK, p16 + r * BK);
-      gemm_ab(p16, rows, vp, dvp, j0, pv);
-      for (int r = 0; r < nq; ++r) { // O = alpha O + P V
-        const vf16 al = splat(alpha[r]);
-        float* orow = o + r * dvp;
-        for (int d = 0; d < dvp; d += 16)
-          store16(orow + d, load16(orow + d) * al + load16(pv + r * dvp + d));
-      }
+      gemm_ab_add(p16, nq, vp, dvp, j0, dvp, alpha, o, dvp, pv); // O = alpha O + P V
     }
     tiles_end();
     base.finish_heads(b, h0, i0, nqh, o, m, l, dvp);

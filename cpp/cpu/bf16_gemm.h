@@ -101,17 +101,31 @@ inline void pack_row_pairs(const uint16_t* x, long n, int d, fa_index_t rs, fa_i
   }
 }
 
-// The two block GEMMs; rows a multiple of 32, kd of 32.
-// gemm_abt: C (rows x 64 f32, row stride 64) = A (rows x kd bf16, row
-//   stride lda) B^T, B^T in transposed pairs with np columns, from column
-//   (row of B) j0.
-// gemm_ab: C (rows x n f32, row stride n) = A (rows x 64 bf16, row stride
-//   64) B, B the 64 rows from row i0 (even) of a row-pairs pack of n columns
-//   (n a multiple of 16).
-// (gemm_ab_add, below each build's two, accumulates gemm_ab's product.)
+// The two block GEMMs, over nr rows of A and C (tiles compute
+// round_up(nr, 32): A must hold them, zero past nr, and C have room):
+// gemm_abt: C (nr x 64 f32, row stride 64) = A (nr x kd bf16, row stride
+//   lda; kd a multiple of 32) B^T, B^T in transposed pairs with np columns,
+//   from column (row of B) j0.
+// gemm_ab_add: C (nr x nc, row stride ldc) = alpha[r] C + A B (alpha null:
+//   1), A (nr x 64 bf16, row stride 64), B the 64 rows from row i0 (even)
+//   of a row-pairs pack of n columns (n a multiple of 16), over its first
+//   nc columns (a multiple of 16). tmp: round_up(nr, 32) x n floats of
+//   scratch (tiles store A B there).
+// Each may be told, by span(r, R, &k0, &k1), which keys rows [r, r + R)
+// see: the columns of S in chunks of 16, the inner rows of P V in pairs.
+// The vector build then skips the others (S there is left undefined: the
+// masks hide it; P is 0 there), the tiles compute them all.
+struct AllKeys {
+  void operator()(int, int, int* k0, int* k1) const {
+    *k0 = 0;
+    *k1 = BK;
+  }
+};
 #if defined(__AMX_BF16__)
-inline void gemm_abt(const uint16_t* a, int rows, int lda, int kd, const uint16_t* bt, int np,
-                     long j0, float* c) {
+template <typename Span = AllKeys>
+inline void gemm_abt(const uint16_t* a, int nr, int lda, int kd, const uint16_t* bt, int np,
+                     long j0, float* c, Span = {}) {
+  const int rows = round_up(nr, 32);
   static_assert(BK == 64, "gemm_abt makes 64-column blocks");
   for (int r = 0; r < rows; r += 2 * kTile)
     for (int col = 0; col < BK; col += 2 * kTile) {
@@ -137,8 +151,9 @@ inline void gemm_abt(const uint16_t* a, int rows, int lda, int kd, const uint16_
     }
 }
 
-// The 64 inner rows are two steps of 32.
-inline void gemm_ab(const uint16_t* a, int rows, const uint16_t* b, int n, long i0, float* c) {
+// gemm_ab_add's A B into c (row stride n), rows a multiple of 32; the 64
+// inner rows are two steps of 32.
+inline void amx_ab(const uint16_t* a, int rows, const uint16_t* b, int n, long i0, float* c) {
   for (int r = 0; r < rows; r += 2 * kTile) {
     _tile_loadd(2, a + r * BK, BK * 2);
     _tile_loadd(3, a + r * BK + 32, BK * 2);
@@ -160,13 +175,10 @@ inline void gemm_ab(const uint16_t* a, int rows, const uint16_t* b, int n, long 
   }
 }
 
-// gemm_ab_add: C (nr x nc, row stride ldc) = alpha[r] C + A B (alpha null:
-//   1) over the first nc columns (a multiple of 16) of gemm_ab's B. A has
-//   round_up(nr, 32) rows, zero past nr (tiles read them all); tmp:
-//   round_up(nr, 32) x n floats of scratch.
+template <typename Span = AllKeys>
 inline void gemm_ab_add(const uint16_t* a, int nr, const uint16_t* b, int n, long i0, int nc,
-                        const float* alpha, float* c, int ldc, float* tmp) {
-  gemm_ab(a, round_up(nr, 32), b, n, i0, tmp); // tiles store whole: A B apart
+                        const float* alpha, float* c, int ldc, float* tmp, Span = {}) {
+  amx_ab(a, round_up(nr, 32), b, n, i0, tmp);
   for (int r = 0; r < nr; ++r) {
     const vf16 al = splat(alpha ? alpha[r] : 1.0f);
     for (int d = 0; d < nc; d += 16)
@@ -182,7 +194,7 @@ inline void gemm_ab_add(const uint16_t* a, int nr, const uint16_t* b, int n, lon
 // stride ldc).
 template <int R, int NC>
 FA_GEMM void dot_rows(const uint16_t* a, int lda, int kd, const uint16_t* b, size_t bstride,
-                     float* c, int ldc, bool add, const float* alpha) {
+                      float* c, int ldc, bool add, const float* alpha) {
   __m512 acc[R][NC];
   for (int r = 0; r < R; ++r) {
     const __m512 al = _mm512_set1_ps(alpha ? alpha[r] : 1.0f);
@@ -204,11 +216,10 @@ FA_GEMM void dot_rows(const uint16_t* a, int lda, int kd, const uint16_t* b, siz
     for (int k = 0; k < NC; ++k) _mm512_storeu_ps(c + r * ldc + 16 * k, acc[r][k]);
 }
 
-// dot_rows over nr rows and nc columns (a multiple of 16): register blocks
-// of 4 rows x 64 columns, then narrower and shorter ones.
+// dot_rows over nc columns (a multiple of 16): 64 at a time, then the rest.
 template <int R>
-inline void dot_cols(const uint16_t* a, int lda, int kd, const uint16_t* b, size_t bstride,
-                     int nc, float* c, int ldc, bool add, const float* alpha) {
+FA_GEMM void dot_cols(const uint16_t* a, int lda, int kd, const uint16_t* b, size_t bstride,
+                      int nc, float* c, int ldc, bool add, const float* alpha) {
   int col = 0;
   for (; col + 64 <= nc; col += 64)
     dot_rows<R, 4>(a, lda, kd, b + 2 * col, bstride, c + col, ldc, add, alpha);
@@ -219,29 +230,26 @@ inline void dot_cols(const uint16_t* a, int lda, int kd, const uint16_t* b, size
     default: break;
   }
 }
-inline void dot_block(const uint16_t* a, int nr, int lda, int kd, const uint16_t* b,
-                      size_t bstride, int nc, float* c, int ldc, bool add, const float* alpha) {
-  int r = 0;
-  auto rows = [&]<int R>() {
-    dot_cols<R>(a + size_t(r) * lda, lda, kd, b, bstride, nc, c + size_t(r) * ldc, ldc, add,
-                alpha ? alpha + r : nullptr);
-    r += R;
-  };
-  while (r + 4 <= nr) rows.template operator()<4>();
-  if (r + 2 <= nr) rows.template operator()<2>();
-  if (r < nr) rows.template operator()<1>();
-}
 
-inline void gemm_abt(const uint16_t* a, int rows, int lda, int kd, const uint16_t* bt, int np,
-                     long j0, float* c) {
-  dot_block(a, rows, lda, kd, bt + size_t(j0) * 2, size_t(np), BK, c, BK, false, nullptr);
+template <typename Span = AllKeys>
+inline void gemm_abt(const uint16_t* a, int nr, int lda, int kd, const uint16_t* bt, int np,
+                     long j0, float* c, Span span = {}) {
+  for_row_blocks(nr, [&]<int R>(int r) {
+    int c0, c1;
+    span(r, R, &c0, &c1);
+    dot_cols<R>(a + size_t(r) * lda, lda, kd, bt + size_t(j0 + c0) * 2, size_t(np), c1 - c0,
+                c + r * BK + c0, BK, false, nullptr);
+  });
 }
-inline void gemm_ab(const uint16_t* a, int rows, const uint16_t* b, int n, long i0, float* c) {
-  dot_block(a, rows, BK, BK, b + size_t(i0 / 2) * n * 2, size_t(n), n, c, n, false, nullptr);
-}
+template <typename Span = AllKeys>
 inline void gemm_ab_add(const uint16_t* a, int nr, const uint16_t* b, int n, long i0, int nc,
-                        const float* alpha, float* c, int ldc, float*) {
-  dot_block(a, nr, BK, BK, b + size_t(i0 / 2) * n * 2, size_t(n), nc, c, ldc, true, alpha);
+                        const float* alpha, float* c, int ldc, float*, Span span = {}) {
+  for_row_blocks(nr, [&]<int R>(int r) {
+    int k0, k1;
+    span(r, R, &k0, &k1);
+    dot_cols<R>(a + r * BK + k0, BK, k1 - k0, b + size_t((i0 + k0) / 2) * n * 2, size_t(n), nc,
+                c + size_t(r) * ldc, ldc, true, alpha ? alpha + r : nullptr);
+  });
 }
 #endif
 

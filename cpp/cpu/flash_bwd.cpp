@@ -197,25 +197,24 @@ struct Backward {
   // The bfloat16 operands of one block of query rows [i0, i0 + nq) of head h.
   struct Bf16Block {
     size_t qh, kv;  // query head and K/V head in the packs
-    int rows;       // nq rounded up to 32 (tile pairs)
-    uint16_t* ds16; // rows x BK bfloat16 scratch, zero past nq
+    uint16_t* ds16; // BQ x BK bfloat16 scratch, zero past the block's rows
   };
-  Bf16Block bf16_block(int b, int h, int hk, int nq, float* scratch) const {
+  Bf16Block bf16_block(int b, int h, int hk, float* scratch) const {
     Bf16Block ab{size_t(p.packed ? 0 : b) * p.Hq + h, size_t(p.packed ? 0 : b) * p.Hk + hk,
-                (nq + 31) / 32 * 32, reinterpret_cast<uint16_t*>(scratch)};
+                 reinterpret_cast<uint16_t*>(scratch)};
     memset(ab.ds16, 0, sizeof(uint16_t) * BQ * BK);
     tiles_begin();
     return ab;
   }
-  // S (scaled) and dP = dO V^T of `rows` query rows from i0 of query head
-  // qh and keys [j0, j0 + BK) of K/V head kv.
-  void bf16_scores(size_t qh, size_t kv, long i0, int rows, long j0, float* s, float* dp) const {
-    gemm_abt(bf->qrow + bf->query_d(qh) + size_t(i0) * bf->dp, rows, bf->dp, bf->dp,
+  // S (scaled) and dP = dO V^T of nq query rows from i0 of query head qh
+  // and keys [j0, j0 + BK) of K/V head kv.
+  void bf16_scores(size_t qh, size_t kv, long i0, int nq, long j0, float* s, float* dp) const {
+    gemm_abt(bf->qrow + bf->query_d(qh) + size_t(i0) * bf->dp, nq, bf->dp, bf->dp,
              bf->kt + bf->key_d(kv), bf->lkp, j0, s);
-    gemm_abt(bf->dorow + bf->query_dv(qh) + size_t(i0) * bf->dvp, rows, bf->dvp, bf->dvp,
+    gemm_abt(bf->dorow + bf->query_dv(qh) + size_t(i0) * bf->dvp, nq, bf->dvp, bf->dvp,
              bf->vt + bf->key_dv(kv), bf->lkp, j0, dp);
     const vf16 scale = splat(p.scale);
-    for (int i = 0; i < rows * BK; i += 16) store16(s + i, load16(s + i) * scale);
+    for (int i = 0; i < nq * BK; i += 16) store16(s + i, load16(s + i) * scale);
   }
 #endif
 
@@ -296,7 +295,7 @@ struct Backward {
     memset(dqa, 0, sizeof(float) * nb * BQ * Dp);
     const float slope = p.has_alibi ? per_head(a.fwd.alibi, p.alibi_strides, b, h) : 0.0f;
 #if defined(__AVX512BF16__)
-    const Bf16Block ab = bf ? bf16_block(b, h, hk, blk[0].nq, ds) : Bf16Block{};
+    const Bf16Block ab = bf ? bf16_block(b, h, hk, ds) : Bf16Block{};
 #endif
     for (long j0 = kbeg; j0 < kend; j0 += BK) {
       // Keys past a block's own range are hidden by its rows' masks (bfloat16 packs:
@@ -311,7 +310,7 @@ struct Backward {
         float *qdqa = dqa + t * BQ * Dp, *qlse = lse + t * BQ, *qdel = del + t * BQ;
 #if defined(__AVX512BF16__)
         if (bf) {
-          bf16_scores(ab.qh, ab.kv, q.i0, ab.rows, j0, s, dp);
+          bf16_scores(ab.qh, ab.kv, q.i0, q.nq, j0, s, dp);
           probabilities(sq, b, h, q.i0, q.nq, j0, nk, slope, qlse, qdel, s, dp, cap);
         } else
 #endif
@@ -489,7 +488,7 @@ struct Backward {
         const int nq = qend - i0 < BQ ? int(qend - i0) : BQ;
         const float *unused_q, *unused_do; // the packs hold Q and dO here
         query_rows(b, h, i0, nq, unused_q, unused_do, lse, del);
-        bf16_scores(qh, kv, i0, (nq + 31) / 32 * 32, j0, s, dp);
+        bf16_scores(qh, kv, i0, nq, j0, s, dp);
         probabilities(sq, b, h, i0, nq, j0, nk, slope, lse, del, s, dp, cap);
         if (p.softcap > 0.0f) softcap_chain(nq, dp, cap);
         for (int j = 0; j < BK; ++j)

@@ -491,12 +491,21 @@ struct Bf16Task {
     // hide the keys of a block outside [kbeg, kend).
     for (long j0 = kbeg / BK * BK; j0 < kend; j0 += BK) {
       const int nk = p.Lk - j0 < BK ? int(p.Lk - j0) : BK;
-      gemm_abt(q16, rows, dp, dp, kt, lkp, j0, s);
+      // The keys rows [r, r + R) see, in chunks of w (visible_cols; rows of
+      // two heads: all the block's queries).
+      auto keys = [&](int w) {
+        return [&, w](int r, int R, int* k0, int* k1) {
+          const bool one_head = r / nqh == (r + R - 1) / nqh;
+          const long i = i0 + (one_head ? r % nqh : 0);
+          visible_cols(p, sq, i, one_head ? i + R : i0 + nqh, j0, nk, w, k0, k1);
+        };
+      };
+      gemm_abt(q16, nq, dp, dp, kt, lkp, j0, s, keys(16));
       const vf16 scale = splat(p.scale);
       for (int c = 0; c < nq * BK; c += 16) store16(s + c, load16(s + c) * scale);
       base.probabilities(b, sq, h0, nqh, i0, nq, j0, nk, s, m, l, alpha);
       for (int r = 0; r < nq; ++r) to_bf16(s + r * BK, BK, p16 + r * BK);
-      gemm_ab_add(p16, nq, vp, dvp, j0, dvp, alpha, o, dvp, pv); // O = alpha O + P V
+      gemm_ab_add(p16, nq, vp, dvp, j0, dvp, alpha, o, dvp, pv, keys(2)); // O = alpha O + P V
     }
     tiles_end();
     base.finish_heads(b, h0, i0, nqh, o, m, l, dvp);

@@ -291,7 +291,13 @@ struct Task {
   // (after the running sum: l normalises the undropped softmax).
   void probabilities(int b, const Seq& sq, int h0, int nqh, long i0, int nq, long j0, int nk,
                      float* s, float* m, float* l, float* alpha) const {
-    for (int r = 0; r < nq; ++r) {
+    // A whole block that all rows see, without modifiers, needs none of
+    // the per-row work below (most blocks of most calls).
+    long beg, end;
+    keys_seen_by_all(p, sq, i0, i0 + nqh, &beg, &end);
+    const bool plain = p.softcap == 0.0f && !p.has_alibi && p.mask_kind == FA_MASK_NONE &&
+                       nk == BK && j0 >= beg && j0 + BK <= end;
+    for (int r = 0; r < nq && !plain; ++r) {
       const int h = h0 + r / nqh;
       const float slope = p.has_alibi ? per_head(a.alibi, p.alibi_strides, b, h) : 0.0f;
       if (p.softcap > 0.0f) apply_softcap(p, s + r * BK, nk);

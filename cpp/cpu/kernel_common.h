@@ -671,6 +671,19 @@ inline void visible_keys(const FlashParams& p, const Seq& sq, long i0, long i1, 
     *end = i1 - 1 + sq.shift + p.window_right + 1;
 }
 
+// Keys [*beg, *end) that every query in rows [i0, i1) sees (none if a row
+// is outside the sequence).
+inline void keys_seen_by_all(const FlashParams& p, const Seq& sq, long i0, long i1, long* beg,
+                             long* end) {
+  *beg = sq.k0;
+  *end = sq.k0 + sq.nk;
+  if (i0 < sq.q0 || i1 > sq.q0 + sq.nq || i1 <= i0) *end = *beg;
+  if (p.window_left >= 0 && i1 - 1 + sq.shift - p.window_left > *beg)
+    *beg = i1 - 1 + sq.shift - p.window_left;
+  if (p.window_right >= 0 && i0 + sq.shift + p.window_right + 1 < *end)
+    *end = i0 + sq.shift + p.window_right + 1;
+}
+
 // Whether [a0, a1) and [b0, b1) share an element (false if either is empty):
 // a block pair a task may skip.
 inline bool ranges_meet(long a0, long a1, long b0, long b1) {

@@ -113,8 +113,8 @@ inline void pack_row_pairs(const uint16_t* x, long n, int d, fa_index_t rs, fa_i
 //   scratch (tiles store A B there).
 // Each may be told, by span(r, R, &k0, &k1), which keys rows [r, r + R)
 // see: the columns of S in chunks of 16, the inner rows of P V in pairs.
-// The vector build then skips the others (S there is left undefined: the
-// masks hide it; P is 0 there), the tiles compute them all.
+// The vector build then skips the others (S there is set to 0, the masks
+// hide it; P is 0 there), the tiles compute them all.
 struct AllKeys {
   void operator()(int, int, int* k0, int* k1) const {
     *k0 = 0;
@@ -239,6 +239,10 @@ inline void gemm_abt(const uint16_t* a, int nr, int lda, int kd, const uint16_t*
     span(r, R, &c0, &c1);
     dot_cols<R>(a + size_t(r) * lda, lda, kd, bt + size_t(j0 + c0) * 2, size_t(np), c1 - c0,
                 c + r * BK + c0, BK, false, nullptr);
+    for (int i = r; i < r + R; ++i) {
+      for (int col = 0; col < c0; col += 16) _mm512_storeu_ps(c + i * BK + col, _mm512_setzero_ps());
+      for (int col = c1; col < BK; col += 16) _mm512_storeu_ps(c + i * BK + col, _mm512_setzero_ps());
+    }
   });
 }
 template <typename Span = AllKeys>

@@ -206,13 +206,21 @@ struct Backward {
     tiles_begin();
     return ab;
   }
+  // The span (see bf16_gemm.h) of the keys [j0, j0 + nk) that query rows
+  // i0 + [r, r + R) see, in chunks of w.
+  auto seen_keys(const Seq& sq, long i0, long j0, int nk, int w) const {
+    return [this, &sq, i0, j0, nk, w](int r, int R, int* k0, int* k1) {
+      visible_cols(p, sq, i0 + r, i0 + r + R, j0, nk, w, k0, k1);
+    };
+  }
   // S (scaled) and dP = dO V^T of nq query rows from i0 of query head qh
-  // and keys [j0, j0 + BK) of K/V head kv.
-  void bf16_scores(size_t qh, size_t kv, long i0, int nq, long j0, float* s, float* dp) const {
+  // and keys [j0, j0 + BK) of K/V head kv, nk of them in the sequence.
+  void bf16_scores(const Seq& sq, size_t qh, size_t kv, long i0, int nq, long j0, int nk,
+                   float* s, float* dp) const {
     gemm_abt(bf->qrow + bf->query_d(qh) + size_t(i0) * bf->dp, nq, bf->dp, bf->dp,
-             bf->kt + bf->key_d(kv), bf->lkp, j0, s);
+             bf->kt + bf->key_d(kv), bf->lkp, j0, s, seen_keys(sq, i0, j0, nk, 16));
     gemm_abt(bf->dorow + bf->query_dv(qh) + size_t(i0) * bf->dvp, nq, bf->dvp, bf->dvp,
-             bf->vt + bf->key_dv(kv), bf->lkp, j0, dp);
+             bf->vt + bf->key_dv(kv), bf->lkp, j0, dp, seen_keys(sq, i0, j0, nk, 16));
     const vf16 scale = splat(p.scale);
     for (int i = 0; i < nq * BK; i += 16) store16(s + i, load16(s + i) * scale);
   }
@@ -310,7 +318,7 @@ struct Backward {
         float *qdqa = dqa + t * BQ * Dp, *qlse = lse + t * BQ, *qdel = del + t * BQ;
 #if defined(__AVX512BF16__)
         if (bf) {
-          bf16_scores(ab.qh, ab.kv, q.i0, q.nq, j0, s, dp);
+          bf16_scores(sq, ab.qh, ab.kv, q.i0, q.nq, j0, nk, s, dp);
           probabilities(sq, b, h, q.i0, q.nq, j0, nk, slope, qlse, qdel, s, dp, cap);
         } else
 #endif
@@ -324,7 +332,7 @@ struct Backward {
         if (bf) { // dQ += dS K
           for (int i = 0; i < q.nq; ++i) to_bf16(dp + i * BK, BK, ab.ds16 + i * BK);
           gemm_ab_add(ab.ds16, q.nq, bf->kr + bf->key_d(ab.kv), bf->dp, j0, Dp, nullptr, qdqa, Dp,
-                      tmp);
+                      tmp, seen_keys(sq, q.i0, j0, nk, 2));
           continue;
         }
 #endif
@@ -473,6 +481,21 @@ struct Backward {
     float *s, *dp, *cap, *lse, *del, *pt, *dst, *tmp;
     uint16_t* pd16;
   };
+  // xt (BK x BQ) = the transpose of x (nq x BK, zero past nq rows), by 8 x
+  // 8 blocks in registers.
+  static void transpose_block(const float* x, int nq, float* xt) {
+    for (int i0 = 0; i0 < BQ; i0 += 8)
+      for (int j0 = 0; j0 < BK; j0 += 8) {
+        vf8 r[8];
+        for (int t = 0; t < 8; ++t)
+          if (i0 + t < nq)
+            memcpy(&r[t], x + (i0 + t) * BK + j0, sizeof(vf8));
+          else
+            r[t] = vf8{};
+        transpose8(r);
+        for (int k = 0; k < 8; ++k) memcpy(xt + (j0 + k) * BQ + i0, &r[k], sizeof(vf8));
+      }
+  }
   void dkv_task_bf16(int b, int hk, const Seq& sq, long j0, int nk, long qbeg, long qend,
                     float* dka, float* dva, const DkvScratch& w) const {
     float *s = w.s, *dp = w.dp, *cap = w.cap, *lse = w.lse, *del = w.del, *pt = w.pt,
@@ -488,19 +511,24 @@ struct Backward {
         const int nq = qend - i0 < BQ ? int(qend - i0) : BQ;
         const float *unused_q, *unused_do; // the packs hold Q and dO here
         query_rows(b, h, i0, nq, unused_q, unused_do, lse, del);
-        bf16_scores(qh, kv, i0, nq, j0, s, dp);
+        bf16_scores(sq, qh, kv, i0, nq, j0, nk, s, dp);
         probabilities(sq, b, h, i0, nq, j0, nk, slope, lse, del, s, dp, cap);
         if (p.softcap > 0.0f) softcap_chain(nq, dp, cap);
-        for (int j = 0; j < BK; ++j)
-          for (int i = 0; i < BQ; ++i) {
-            pt[j * BQ + i] = i < nq ? s[i * BK + j] : 0.0f;
-            dst[j * BQ + i] = i < nq ? dp[i * BK + j] : 0.0f;
-          }
+        transpose_block(s, nq, pt);
+        transpose_block(dp, nq, dst);
         to_bf16(pt, BK * BQ, pt16);
         to_bf16(dst, BK * BQ, dst16);
-        // dV += (P z)^T dO, dK += dS^T Q
-        gemm_ab_add(pt16, nk, bf->dor + bf->query_dv(qh), bf->dvp, i0, dvp, nullptr, dva, dvp, tmp);
-        gemm_ab_add(dst16, nk, bf->qr + bf->query_d(qh), bf->dp, i0, Dp, nullptr, dka, Dp, tmp);
+        // dV += (P z)^T dO, dK += dS^T Q, over the queries that see each
+        // register block's keys (P and dS are 0 elsewhere).
+        auto seen_by = [&](int r, int R, int* r0, int* r1) {
+          long qb, qe;
+          visible_queries(p, sq, j0 + r, j0 + r + R, &qb, &qe);
+          block_span(qb, qe, i0, nq, 2, r0, r1);
+        };
+        gemm_ab_add(pt16, nk, bf->dor + bf->query_dv(qh), bf->dvp, i0, dvp, nullptr, dva, dvp, tmp,
+                    seen_by);
+        gemm_ab_add(dst16, nk, bf->qr + bf->query_d(qh), bf->dp, i0, Dp, nullptr, dka, Dp, tmp,
+                    seen_by);
       }
     }
     tiles_end();

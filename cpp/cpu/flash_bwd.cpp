@@ -378,7 +378,8 @@ struct Backward {
 #if defined(__AVX512BF16__)
     if (bf)
       return dkv_task_bf16(b, hk, sq, j0, nk, qbeg, qend, dka, dva,
-                          {s, dp, cap, lse, del, pt, dst, tmp, reinterpret_cast<uint16_t*>(pd16)});
+                           {s, dp, cap, lse, del, pt, dst, tmp, reinterpret_cast<uint16_t*>(pd16)},
+                           fz);
 #endif
     for (int h = hk * p.gqa_ratio; h < (hk + 1) * p.gqa_ratio; ++h) {
       const float slope = p.has_alibi ? per_head(a.fwd.alibi, p.alibi_strides, b, h) : 0.0f;
@@ -424,8 +425,8 @@ struct Backward {
   // --- Fused pass: every key block of K/V head hk in batch b, dQ of its
   // query heads summed over them in one buffer: 5 block GEMMs per (query,
   // key) block pair instead of the two passes' 7, with no atomics (the
-  // task owns those dQ rows). For the float32 operands, with enough heads
-  // to keep the cores busy (run_heads). ---
+  // task owns those dQ rows). With enough heads to keep the cores busy
+  // (run_backward). ---
   void fused_task(int b, int hk, int nkb) const {
     const Seq sq = seq_of(p, a.fwd.seqs, b);
     const long rows = sq.qrows_end - sq.qrows_begin;
@@ -472,9 +473,10 @@ struct Backward {
   }
 
 #if defined(__AVX512BF16__)
-  // The dK/dV task with bfloat16 dot products: query blocks aligned to BQ (Q and dO are read in
-  // pairs of rows); S and dP as in the dQ pass, then P^T and dS^T (through
-  // float32 transposes) times the packed dO and Q.
+  // The dK/dV task with bfloat16 dot products: query blocks aligned to BQ
+  // (Q and dO are read in pairs of rows); per key block, S and dP as in
+  // the dQ pass, then P^T and dS^T (through float32 transposes) times the
+  // packed dO and Q, and in the fused pass dQ += dS K.
   // The dK/dV task's scratch: float32 blocks, tmp (BK x the wider padded
   // head dim) and the bfloat16 P^T and dS^T (BK x BQ each).
   struct DkvScratch {
@@ -497,7 +499,7 @@ struct Backward {
       }
   }
   void dkv_task_bf16(int b, int hk, const Seq& sq, long j0, int nk, long qbeg, long qend,
-                    float* dka, float* dva, const DkvScratch& w) const {
+                     float* dka, float* dva, const DkvScratch& w, const Fused* fz) const {
     float *s = w.s, *dp = w.dp, *cap = w.cap, *lse = w.lse, *del = w.del, *pt = w.pt,
           *dst = w.dst, *tmp = w.tmp;
     uint16_t *pt16 = w.pd16, *dst16 = w.pd16 + BK * BQ;
@@ -506,29 +508,45 @@ struct Backward {
     tiles_begin();
     for (int h = hk * p.gqa_ratio; h < (hk + 1) * p.gqa_ratio; ++h) {
       const float slope = p.has_alibi ? per_head(a.fwd.alibi, p.alibi_strides, b, h) : 0.0f;
+      const int hh = h - hk * p.gqa_ratio;
       const size_t qh = size_t(p.packed ? 0 : b) * p.Hq + h;
       for (long i0 = qbeg / BQ * BQ; i0 < qend; i0 += BQ) {
         const int nq = qend - i0 < BQ ? int(qend - i0) : BQ;
         const float *unused_q, *unused_do; // the packs hold Q and dO here
         query_rows(b, h, i0, nq, unused_q, unused_do, lse, del);
-        bf16_scores(sq, qh, kv, i0, nq, j0, nk, s, dp);
-        probabilities(sq, b, h, i0, nq, j0, nk, slope, lse, del, s, dp, cap);
-        if (p.softcap > 0.0f) softcap_chain(nq, dp, cap);
-        transpose_block(s, nq, pt);
-        transpose_block(dp, nq, dst);
-        to_bf16(pt, BK * BQ, pt16);
-        to_bf16(dst, BK * BQ, dst16);
-        // dV += (P z)^T dO, dK += dS^T Q, over the queries that see each
-        // register block's keys (P and dS are 0 elsewhere).
-        auto seen_by = [&](int r, int R, int* r0, int* r1) {
-          long qb, qe;
-          visible_queries(p, sq, j0 + r, j0 + r + R, &qb, &qe);
-          block_span(qb, qe, i0, nq, 2, r0, r1);
-        };
-        gemm_ab_add(pt16, nk, bf->dor + bf->query_dv(qh), bf->dvp, i0, dvp, nullptr, dva, dvp, tmp,
-                    seen_by);
-        gemm_ab_add(dst16, nk, bf->qr + bf->query_d(qh), bf->dp, i0, Dp, nullptr, dka, Dp, tmp,
-                    seen_by);
+        long kbeg, kend; // keys these rows may see: blocks outside are skipped
+        visible_keys(p, sq, i0, i0 + nq, &kbeg, &kend);
+        for (int jb = 0; jb < nk; jb += BK) {
+          const long jj = j0 + jb;
+          const int nkj = nk - jb < BK ? nk - jb : BK;
+          if (!ranges_meet(jj, jj + nkj, kbeg, kend)) continue;
+          bf16_scores(sq, qh, kv, i0, nq, jj, nkj, s, dp);
+          probabilities(sq, b, h, i0, nq, jj, nkj, slope, lse, del, s, dp, cap);
+          if (fz) score_grads(sq, b, h, i0, nq, jj, nkj, dp, fz->dslope + hh);
+          if (p.softcap > 0.0f) softcap_chain(nq, dp, cap);
+          transpose_block(s, nq, pt);
+          transpose_block(dp, nq, dst);
+          to_bf16(pt, BK * BQ, pt16);
+          to_bf16(dst, BK * BQ, dst16);
+          // dV += (P z)^T dO, dK += dS^T Q, over the queries that see each
+          // register block's keys (P and dS are 0 elsewhere).
+          auto seen_by = [&](int r, int R, int* r0, int* r1) {
+            long qb, qe;
+            visible_queries(p, sq, jj + r, jj + r + R, &qb, &qe);
+            block_span(qb, qe, i0, nq, 2, r0, r1);
+          };
+          gemm_ab_add(pt16, nkj, bf->dor + bf->query_dv(qh), bf->dvp, i0, dvp, nullptr,
+                      dva + jb * dvp, dvp, tmp, seen_by);
+          gemm_ab_add(dst16, nkj, bf->qr + bf->query_d(qh), bf->dp, i0, Dp, nullptr,
+                      dka + jb * Dp, Dp, tmp, seen_by);
+          if (fz) { // dQ += dS K: dS as bfloat16 rows where P^T was, zero past nq
+            float* dqa = fz->dqa + (hh * fz->rows + (i0 - sq.qrows_begin)) * Dp;
+            memset(pt16, 0, sizeof(uint16_t) * BQ * BK);
+            for (int i = 0; i < nq; ++i) to_bf16(dp + i * BK, BK, pt16 + i * BK);
+            gemm_ab_add(pt16, nq, bf->kr + bf->key_d(kv), bf->dp, jj, Dp, nullptr, dqa, Dp, tmp,
+                        seen_keys(sq, i0, jj, nkj, 2));
+          }
+        }
       }
     }
     tiles_end();
@@ -709,7 +727,9 @@ void run_backward(const BackwardArgs& a) {
   parallel(nbh, [&](int64_t bh) { bw.delta_rows(int(bh / p.Hq), int(bh % p.Hq), delta); });
   // Fused per-head tasks when there are enough to share out (two per
   // thread); else the two passes' finer tasks.
-  const bool fused = !packs.kt && nkv * (p.packed ? p.B : 1) >= 2 * num_threads();
+  // (Not the bfloat16 packs' with packed sequences: their query blocks,
+  // aligned to BQ, may start before a sequence's dQ rows.)
+  const bool fused = !(packs.kt && p.packed) && nkv * (p.packed ? p.B : 1) >= 2 * num_threads();
   if (packs.kt) {
     run_heads(bw, 0, nkv, nkb, fused);
   } else {

@@ -208,6 +208,11 @@ def run_case(cfg, dtype, causal, backward, reps, with_mlx):
     return f, results
 
 
+def fmt_ratio(x, width, digits):
+    """A speed-up as `width` digits and an x, or a dash where the peer was not run."""
+    return f"{x:{width}.{digits}f}x" if x is not None else f"{'-':>{width + 1}s}"
+
+
 def fmt_time(r):
     if r is None:
         return f"{'-':>17s}"
@@ -275,7 +280,7 @@ def main(argv=None):
             ceil = max(ceil, ceilings.get(dtype, 0.0))
         print(f"{cfg[0]:10s} {ps:7s} {dtype:8s} {str(causal and cfg[4] > 1):6s} "
               f"{fmt_time(r['ours'])} {fmt_time(r.get('mlx'))} {fmt_time(r.get('torch'))} "
-              f"{vs.get('mlx', float('nan')):6.1f}x {vs.get('torch', float('nan')):7.2f}x "
+              f"{fmt_ratio(vs.get('mlx'), 6, 1)} {fmt_ratio(vs.get('torch'), 7, 2)} "
               f"{gf:8.1f} {ceil:7.0f} {100 * gf / ceil:6.0f}%", flush=True)
     for (peer, ps), xs in speedups.items():
         g = math.exp(np.mean(np.log(xs)))

@@ -38,3 +38,9 @@ def test_each_case_times_a_ceiling():
     assert set(r) == {"ours", "torch", "ceil"}
     assert f == bench.flops(1, 2, 16, 16, 32, True)
     assert isinstance(r["ceil"], float) and 0.1 < r["ceil"] < 1e5
+
+
+def test_a_peer_not_run_prints_a_dash():
+    assert bench.fmt_ratio(None, 6, 1) == "      -"
+    assert bench.fmt_ratio(2.5, 6, 1) == "   2.5x"
+    assert len(bench.fmt_ratio(None, 7, 2)) == len(bench.fmt_ratio(1.0, 7, 2))

@@ -54,9 +54,8 @@ inline int round_up(long n, int m) {
   return int((n + m - 1) / m * m);
 }
 
-// X (n x d, element strides rs, cs) packed, zero-padded to np rows (even)
-// and dp columns (dp <= FA_MAX_HEAD_DIM); the padding multiplies as zeros.
-// Row i of X, zero-padded to dp columns, into row.
+// Row i of X (n x d, element strides rs, cs), zero-padded to dp columns
+// (zeros past n rows), into row.
 inline void padded_row(const uint16_t* x, long n, int d, fa_index_t rs, fa_index_t cs, int dp,
                        long i, uint16_t* row) {
   int c = 0;
@@ -68,6 +67,9 @@ inline void padded_row(const uint16_t* x, long n, int d, fa_index_t rs, fa_index
   }
   for (; c < dp; ++c) row[c] = 0;
 }
+
+// X packed, zero-padded to np rows (even) and dp columns (dp <=
+// FA_MAX_HEAD_DIM); the padding multiplies as zeros.
 inline void pack_rows(const uint16_t* x, long n, int d, fa_index_t rs, fa_index_t cs, int np,
                       int dp, uint16_t* out) { // plain rows: out[i * dp + c]
   for (int i = 0; i < np; ++i) padded_row(x, n, d, rs, cs, dp, i, out + size_t(i) * dp);
@@ -239,10 +241,9 @@ inline void gemm_abt(const uint16_t* a, int nr, int lda, int kd, const uint16_t*
     span(r, R, &c0, &c1);
     dot_cols<R>(a + size_t(r) * lda, lda, kd, bt + size_t(j0 + c0) * 2, size_t(np), c1 - c0,
                 c + r * BK + c0, BK, false, nullptr);
-    for (int i = r; i < r + R; ++i) {
-      for (int col = 0; col < c0; col += 16) _mm512_storeu_ps(c + i * BK + col, _mm512_setzero_ps());
-      for (int col = c1; col < BK; col += 16) _mm512_storeu_ps(c + i * BK + col, _mm512_setzero_ps());
-    }
+    for (int i = r; i < r + R; ++i)
+      for (int col = 0; col < BK; col += 16)
+        if (col < c0 || col >= c1) _mm512_storeu_ps(c + i * BK + col, _mm512_setzero_ps());
   });
 }
 template <typename Span = AllKeys>

@@ -445,7 +445,7 @@ struct Task {
 // ---------------------------------------------------------------------------
 // bfloat16 with dot-product instructions (AMX tiles or AVX512-BF16, see
 // bf16_gemm.h): the same task with the two block GEMMs on bfloat16 pairs.
-// K and V are packed into the tile layouts once per head beforehand, so the
+// K and V are packed into its layouts once per head beforehand, so the
 // per-block work is the GEMMs and the float32 softmax in between.
 // ---------------------------------------------------------------------------
 struct Bf16Task {

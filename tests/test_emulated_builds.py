@@ -8,7 +8,11 @@ kernels take inputs from files through kernel_driver.cpp):
   machine's compiler), run under qemu-aarch64. This is Linux aarch64 in an
   emulator, not macOS on Apple hardware.
 - the AVX-512 build (the one AVX-512 CPUs run), linked with no OS beneath
-  it and run on bochscpu's emulated x86-64 CPU (bare_x86.py), one CPU.
+  it and run on bochscpu's emulated x86-64 CPU (bare_x86.py), one CPU;
+- on the same CPU, the AVX512-BF16 build's kernels (bfloat16 block GEMMs
+  on dot products, bf16_gemm.h) with its two AVX512-BF16 instructions in
+  software (FA_SOFT_BF16): that CPU has no AVX512-BF16, nor may this
+  machine, where test_isa_builds.py runs the real build.
 
 The same driver built for this machine with the generic build checks the
 harness itself."""
@@ -36,7 +40,7 @@ CLANG = shutil.which("clang++-19")
 QEMU = shutil.which("qemu-aarch64")
 GCC_A64 = shutil.which("aarch64-linux-gnu-g++")
 MUSL = Path("/usr/lib/x86_64-linux-musl/libc.a")  # Debian's musl-dev
-BUILDS = ["native", "aarch64-clang", "aarch64-gcc", "avx512-bochs"]
+BUILDS = ["native", "aarch64-clang", "aarch64-gcc", "avx512-bochs", "avx512bf16-bochs"]
 DTYPE_CODE = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
 
 
@@ -63,24 +67,22 @@ def compile_driver(out, compiler):
               str(ROOT / "tests" / "kernel_driver.cpp"), *objs, "-o", str(out)])
 
 
-def compile_bare_driver(out):
-    """kernel_driver's bare build with the AVX-512 kernels: a static ELF with
-    no OS beneath it (no PIC, no stack protector, no CET), libc's few
-    functions (memcpy, strtod, expf, ...) from musl; and beside it the
-    bochscpu wheel's glibc shim."""
+def compile_bare_driver(out, isa, *flags):
+    """kernel_driver's bare build with the kernels of build `isa`, compiled
+    with the AVX-512 build's flags and `flags`: a static ELF with no OS
+    beneath it (no PIC, no stack protector, no CET), libc's few functions
+    (memcpy, strtod, expf, ...) from musl."""
     bare = ["-fno-pic", "-fno-pie", "-fno-stack-protector", "-fno-asynchronous-unwind-tables",
             "-fcf-protection=none", "-std=c++20", "-I", str(ROOT / "cpp" / "cpu"), "-I",
             str(ROOT / "kernels")]
-    jobs = [["g++", *bare, *cmake_kernel_flags(), *cmake_isa_flags()["avx512"], "-DFA_ISA=avx512",
-             "-c", str(ROOT / "cpp" / "cpu" / f"{f}.cpp"), "-o", str(out.parent / f"bare_{f}.o")]
+    obj = {f: str(out.parent / f"{out.name}_{f}.o") for f in ("driver", "flash_fwd", "flash_bwd")}
+    jobs = [["g++", *bare, *cmake_kernel_flags(), *cmake_isa_flags()["avx512"], *flags,
+             f"-DFA_ISA={isa}", "-c", str(ROOT / "cpp" / "cpu" / f"{f}.cpp"), "-o", obj[f]]
             for f in ("flash_fwd", "flash_bwd")]
-    jobs.append(["g++", *bare, "-O2", "-fno-exceptions", "-DFA_BARE=avx512", "-c",
-                 str(ROOT / "tests" / "kernel_driver.cpp"), "-o",
-                 str(out.parent / "bare_driver.o")])
-    jobs.append(["gcc", "-shared", "-fPIC", "-O2", str(ROOT / "tests" / "isoc23_shim.c"), "-o",
-                 str(out.with_name("libisoc23.so"))])
+    jobs.append(["g++", *bare, "-O2", "-fno-exceptions", f"-DFA_BARE={isa}", "-c",
+                 str(ROOT / "tests" / "kernel_driver.cpp"), "-o", obj["driver"]])
     run_jobs(*jobs)
-    objs = [str(out.parent / f"bare_{f}.o") for f in ("driver", "flash_fwd", "flash_bwd")]
+    objs = list(obj.values())
     run_jobs(["ld", "-static", "-nostdlib", "-e", "fa_bare_start", *objs, str(MUSL), "-o",
               str(out)])
 
@@ -88,22 +90,29 @@ def compile_bare_driver(out):
 @pytest.fixture(scope="module")
 def drivers(tmp_path_factory):
     """argv prefix of each driver: this machine's (g++), aarch64's (clang-19
-    for the M1, and GCC; under qemu-aarch64) and the AVX-512 one (on
-    bochscpu), built in parallel; or, for a build this machine lacks the
-    tools for, why not (see driver)."""
+    for the M1, and GCC; under qemu-aarch64) and the AVX-512 ones (on
+    bochscpu, beside the bochscpu wheel's glibc shim), built in parallel;
+    or, for a build this machine lacks the tools for, why not (see
+    driver)."""
     missing = {}
     if CLANG is None or QEMU is None or GCC_A64 is None:
         missing.update(dict.fromkeys(["aarch64-clang", "aarch64-gcc"],
                                      "needs clang-19, g++-aarch64-linux-gnu and qemu-user"))
     if not MUSL.exists() or importlib.util.find_spec("bochscpu") is None:
-        missing["avx512-bochs"] = "needs musl-dev and bochscpu-python (the test extra)"
+        missing.update(dict.fromkeys(["avx512-bochs", "avx512bf16-bochs"],
+                                     "needs musl-dev and bochscpu-python (the test extra)"))
     d = tmp_path_factory.mktemp("drivers")
+    bochs = [sys.executable, str(ROOT / "tests" / "bare_x86.py")]
+    if "avx512-bochs" not in missing:
+        run_jobs(["gcc", "-shared", "-fPIC", "-O2", str(ROOT / "tests" / "isoc23_shim.c"), "-o",
+                  str(d / "libisoc23.so")])
     builds = {"native": (lambda out: compile_driver(out, ["g++"]), []),
               "aarch64-clang": (lambda out: compile_driver(
                   out, [CLANG, "--target=aarch64-linux-gnu", "-mcpu=apple-m1"]), [QEMU]),
               "aarch64-gcc": (lambda out: compile_driver(out, [GCC_A64]), [QEMU]),
-              "avx512-bochs": (compile_bare_driver,
-                               [sys.executable, str(ROOT / "tests" / "bare_x86.py")])}
+              "avx512-bochs": (lambda out: compile_bare_driver(out, "avx512"), bochs),
+              "avx512bf16-bochs": (lambda out: compile_bare_driver(
+                  out, "avx512bf16", "-DFA_SOFT_BF16"), bochs)}
     assert list(builds) == BUILDS
     todo = {name: b for name, b in builds.items() if name not in missing}
     with ThreadPoolExecutor() as pool:

@@ -22,6 +22,38 @@ namespace flash_cpu {
 namespace FA_ISA {
 namespace {
 
+// The two AVX512-BF16 instructions used, on 32-bit lanes of bfloat16 pairs:
+// dot2: acc + a.hi * b.hi + a.lo * b.lo per lane (VDPBF16PS);
+// to_bf16x32: 32 floats rounded to nearest even, lo's 16 first (VCVTNE2PS2BF16).
+#if defined(__AVX512BF16__)
+inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+}
+inline __m512i to_bf16x32(__m512 lo, __m512 hi) {
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+#else // FA_SOFT_BF16 (see kernel_common.h): the same in AVX-512F
+inline __m512 dot2(__m512 acc, __m512i a, __m512i b) {
+  const __m512i hi = _mm512_set1_epi32(int(0xffff0000u));
+  acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, hi)),
+                        _mm512_castsi512_ps(_mm512_and_si512(b, hi)), acc);
+  return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)),
+                         _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), acc);
+}
+inline __m256i to_bf16x16(__m512 x) { // NaN stays NaN (quiet)
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, up), 16);
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), quiet);
+  return _mm512_cvtepi32_epi16(r);
+}
+inline __m512i to_bf16x32(__m512 lo, __m512 hi) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16x16(lo)), to_bf16x16(hi), 1);
+}
+#endif
+
 #if defined(__AMX_BF16__)
 constexpr int kTile = 16; // rows of a tile; 64 bytes per row
 
@@ -205,13 +237,13 @@ FA_GEMM void dot_rows(const uint16_t* a, int lda, int kd, const uint16_t* b, siz
                       : _mm512_setzero_ps();
   }
   for (int d = 0; d < kd; d += 2, b += 2 * bstride) {
-    __m512bh bv[NC];
-    for (int k = 0; k < NC; ++k) bv[k] = (__m512bh)_mm512_loadu_si512(b + 32 * k);
+    __m512i bv[NC];
+    for (int k = 0; k < NC; ++k) bv[k] = _mm512_loadu_si512(b + 32 * k);
     for (int r = 0; r < R; ++r) {
       uint32_t pair;
       memcpy(&pair, a + r * lda + d, 4);
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(int(pair));
-      for (int k = 0; k < NC; ++k) acc[r][k] = _mm512_dpbf16_ps(acc[r][k], av, bv[k]);
+      const __m512i av = _mm512_set1_epi32(int(pair));
+      for (int k = 0; k < NC; ++k) acc[r][k] = dot2(acc[r][k], av, bv[k]);
     }
   }
   for (int r = 0; r < R; ++r)
@@ -261,8 +293,7 @@ inline void gemm_ab_add(const uint16_t* a, int nr, const uint16_t* b, int n, lon
 // Float32 to bfloat16 (round to nearest even), n a multiple of 32.
 inline void to_bf16(const float* x, int n, uint16_t* y) {
   for (int i = 0; i < n; i += 32) {
-    __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
-    _mm512_storeu_si512(y + i, (__m512i)v);
+    _mm512_storeu_si512(y + i, to_bf16x32(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i + 16)));
   }
 }
 

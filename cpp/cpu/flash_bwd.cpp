@@ -15,7 +15,7 @@
 
 #include "kernel_common.h"
 
-#if defined(__AVX512BF16__)
+#if defined(FA_BF16_DOT)
 #include "bf16_gemm.h"
 #endif
 
@@ -193,7 +193,7 @@ struct Backward {
     pv_block<R>(ds + i * BK + c0, BK, 1, nullptr, km + c0 * Dp, Dp, 16, Dp, c1 - c0, dqa + i * Dp);
   }
 
-#if defined(__AVX512BF16__)
+#if defined(FA_BF16_DOT)
   // The bfloat16 operands of one block of query rows [i0, i0 + nq) of head h.
   struct Bf16Block {
     size_t qh, kv;  // query head and K/V head in the packs
@@ -302,7 +302,7 @@ struct Backward {
     if (nb == 0) return;
     memset(dqa, 0, sizeof(float) * nb * BQ * Dp);
     const float slope = p.has_alibi ? per_head(a.fwd.alibi, p.alibi_strides, b, h) : 0.0f;
-#if defined(__AVX512BF16__)
+#if defined(FA_BF16_DOT)
     const Bf16Block ab = bf ? bf16_block(b, h, hk, ds) : Bf16Block{};
 #endif
     for (long j0 = kbeg; j0 < kend; j0 += BK) {
@@ -316,7 +316,7 @@ struct Backward {
         QBlock& q = blk[t];
         if (!ranges_meet(j0, j0 + nk, q.kbeg, q.kend)) continue;
         float *qdqa = dqa + t * BQ * Dp, *qlse = lse + t * BQ, *qdel = del + t * BQ;
-#if defined(__AVX512BF16__)
+#if defined(FA_BF16_DOT)
         if (bf) {
           bf16_scores(sq, ab.qh, ab.kv, q.i0, q.nq, j0, nk, s, dp);
           probabilities(sq, b, h, q.i0, q.nq, j0, nk, slope, qlse, qdel, s, dp, cap);
@@ -328,7 +328,7 @@ struct Backward {
         }
         score_grads(sq, b, h, q.i0, q.nq, j0, nk, dp, &q.dslope);
         if (p.softcap > 0.0f) softcap_chain(q.nq, dp, cap);
-#if defined(__AVX512BF16__)
+#if defined(FA_BF16_DOT)
         if (bf) { // dQ += dS K
           for (int i = 0; i < q.nq; ++i) to_bf16(dp + i * BK, BK, ab.ds16 + i * BK);
           gemm_ab_add(ab.ds16, q.nq, bf->kr + bf->key_d(ab.kv), bf->dp, j0, Dp, nullptr, qdqa, Dp,
@@ -339,7 +339,7 @@ struct Backward {
         for_row_blocks(q.nq, [&]<int R>(int i) { dq_rows<R>(sq, q.i0, i, j0, nk, dp, km, qdqa); });
       }
     }
-#if defined(__AVX512BF16__)
+#if defined(FA_BF16_DOT)
     if (bf) tiles_end();
 #endif
     for (int t = 0; t < nb; ++t)
@@ -375,7 +375,7 @@ struct Backward {
     memset(dva, 0, sizeof(float) * nk * dvp);
     long qbeg, qend;
     visible_queries(p, sq, j0, j0 + nk, &qbeg, &qend);
-#if defined(__AVX512BF16__)
+#if defined(FA_BF16_DOT)
     if (bf)
       return dkv_task_bf16(b, hk, sq, j0, nk, qbeg, qend, dka, dva,
                            {s, dp, cap, lse, del, pt, dst, tmp, reinterpret_cast<uint16_t*>(pd16)},
@@ -472,7 +472,7 @@ struct Backward {
     }
   }
 
-#if defined(__AVX512BF16__)
+#if defined(FA_BF16_DOT)
   // The dK/dV task with bfloat16 dot products: query blocks aligned to BQ
   // (Q and dO are read in pairs of rows); per key block, S and dP as in
   // the dQ pass, then P^T and dS^T (through float32 transposes) times the
@@ -575,7 +575,7 @@ void parallel(int64_t n, const F& f) {
                const_cast<F*>(&f));
 }
 
-#if defined(__AVX512BF16__)
+#if defined(FA_BF16_DOT)
 // Packs the bfloat16 operands of the dot-product backward (Bf16Packs) in parallel
 // over heads; returns the buffer holding them.
 uint16_t* pack_backward(const BackwardArgs& a, Bf16Packs& pk) {
@@ -717,7 +717,7 @@ void run_backward(const BackwardArgs& a) {
   Bf16Packs packs{};
   FloatPacks fpacks{};
   void* packed_operands = nullptr;
-#if defined(__AVX512BF16__)
+#if defined(FA_BF16_DOT)
   if constexpr (is_bf16<T>) packed_operands = pack_backward(a, packs);
 #endif
   if (!packed_operands) packed_operands = alloc_float_packs(p, nkv, fpacks);

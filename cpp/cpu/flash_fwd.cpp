@@ -17,7 +17,7 @@
 
 #include "kernel_common.h"
 
-#if defined(__AVX512BF16__)
+#if defined(FA_BF16_DOT)
 #include "bf16_gemm.h"
 #endif
 
@@ -441,7 +441,7 @@ struct Task {
   }
 };
 
-#if defined(__AVX512BF16__)
+#if defined(FA_BF16_DOT)
 // ---------------------------------------------------------------------------
 // bfloat16 with dot-product instructions (AMX tiles or AVX512-BF16, see
 // bf16_gemm.h): the same task with the two block GEMMs on bfloat16 pairs.
@@ -531,7 +531,7 @@ void run_tasks(const TaskT& t, const TaskOrder& order, int64_t begin, int64_t en
   }, &ctx);
 }
 
-#if defined(__AVX512BF16__)
+#if defined(FA_BF16_DOT)
 // Packs K and V of every (batch, K/V head) in parallel, then runs the tasks.
 void run_bf16(const Task<bf16_t>& task, const TaskOrder& order) {
   const FlashParams& p = task.p;
@@ -623,7 +623,7 @@ void run_all(const ForwardArgs& a) {
   // worth it when several query blocks reuse them, not for decoding (one
   // block per head), where the blocks are converted as they stream by.
   if (nqb < 2) return run_decode(task, order);
-#if defined(__AVX512BF16__)
+#if defined(FA_BF16_DOT)
   if constexpr (is_bf16<T>) return run_bf16(task, order);
 #endif
   // kSubBlocks query blocks per task, fewer where that would leave less

@@ -16,6 +16,13 @@
 
 #include "flash_cpu.h"
 
+// The builds with bfloat16 dot products (bf16_gemm.h): AVX512-BF16's, AMX's,
+// and FA_SOFT_BF16's (tests/test_emulated_builds.py: the same kernels on an
+// emulated AVX-512 CPU without AVX512-BF16, its two instructions in software).
+#if defined(__AVX512BF16__) || (defined(FA_SOFT_BF16) && defined(__AVX512F__))
+#define FA_BF16_DOT 1
+#endif
+
 #ifndef FA_ISA
 #error "FA_ISA must name the instruction-set namespace"
 #endif

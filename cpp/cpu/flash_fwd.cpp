@@ -208,12 +208,8 @@ struct Task {
         if (!ranges_meet(j0, j0 + nk, q.kbeg, q.kend)) continue;
         const float* qrows = qf + q.r0 * D;
         float* ob = o + q.r0 * dvp;
-        // The key columns rows [r, r + R) see, in chunks of w (visible_cols;
-        // rows of two heads: all the block's queries).
         auto cols = [&](int r, int R, int w, int* c0, int* c1) {
-          const bool one_head = r / q.nqh == (r + R - 1) / q.nqh;
-          const long i = q.i0 + (one_head ? r % q.nqh : 0);
-          visible_cols(p, sq, i, one_head ? i + R : q.i0 + q.nqh, j0, nk, w, c0, c1);
+          block_cols(sq, q.i0, q.nqh, j0, nk, r, R, w, c0, c1);
         };
         if (few_rows)
           qk_direct(qrows, q.nq, k, j0, nk, s);
@@ -246,6 +242,16 @@ struct Task {
       split.lse[slot * BQ + r] = li > 0.0f ? m[r] + logf(li) : -INFINITY;
       for (int d = 0; d < dvp; ++d) split.o[(slot * BQ + r) * dvp + d] = o[r * dvp + d] * inv;
     }
+  }
+
+  // The columns [*c0, *c1) of key block [j0, j0 + nk), in chunks of w, that
+  // rows [r, r + R) of a query block see (visible_cols). Its rows are nqh
+  // queries from i0 of each head in turn; rows of two heads: all nqh.
+  void block_cols(const Seq& sq, long i0, int nqh, long j0, int nk, int r, int R, int w, int* c0,
+                  int* c1) const {
+    const bool one_head = r / nqh == (r + R - 1) / nqh;
+    const long i = i0 + (one_head ? r % nqh : 0);
+    visible_cols(p, sq, i, one_head ? i + R : i0 + nqh, j0, nk, w, c0, c1);
   }
 
   // Merges the chunks of task (b, hg) of a split decode (see SplitKeys), the
@@ -497,13 +503,9 @@ struct Bf16Task {
     // hide the keys of a block outside [kbeg, kend).
     for (long j0 = kbeg / BK * BK; j0 < kend; j0 += BK) {
       const int nk = p.Lk - j0 < BK ? int(p.Lk - j0) : BK;
-      // The keys rows [r, r + R) see, in chunks of w (visible_cols; rows of
-      // two heads: all the block's queries).
-      auto keys = [&](int w) {
+      auto keys = [&](int w) { // the GEMMs' spans (bf16_gemm.h)
         return [&, w](int r, int R, int* k0, int* k1) {
-          const bool one_head = r / nqh == (r + R - 1) / nqh;
-          const long i = i0 + (one_head ? r % nqh : 0);
-          visible_cols(p, sq, i, one_head ? i + R : i0 + nqh, j0, nk, w, k0, k1);
+          base.block_cols(sq, i0, nqh, j0, nk, r, R, w, k0, k1);
         };
       };
       gemm_abt(q16, nq, dp, dp, kt, lkp, j0, s, keys(16));

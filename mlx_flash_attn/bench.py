@@ -78,9 +78,12 @@ MAX_REPS = 100
 # of a shared machine drifts over seconds (10-30% here), and timing one
 # peer's runs all before the other's put that drift into their ratio.
 TURNS = 4
-# Calls shorter than this (seconds) get one untimed call at the start of
-# each block: the other peer's worker threads may still be spinning.
+# Calls shorter than SHORT_CALL_S (seconds) start each block with untimed
+# calls lasting at least LEAD_S: the peer timed before may leave worker
+# threads spinning on the cores (after PyTorch's calls, our 256-token
+# calls here ran 2x slower for ~15 ms: its OpenMP workers spin, then sleep).
 SHORT_CALL_S = 0.1
+LEAD_S = 0.03
 
 
 def warm_up(fn, reps, warmup, span):
@@ -109,7 +112,10 @@ def timeit(fns, reps, warmup=2, span=TIMED_S):
         for name, fn in fns.items():
             n, per_call = plan[name]
             if per_call < SHORT_CALL_S:
+                lead = time.perf_counter()
                 fn()
+                while time.perf_counter() - lead < LEAD_S:
+                    fn()
             for _ in range(n * (turn + 1) // turns - n * turn // turns):
                 t = time.perf_counter()
                 fn()

@@ -1,11 +1,14 @@
 """The benchmark's timing (mlx_flash_attn/bench.py): the peers of a case
-take turns in blocks of runs, each block after an untimed call."""
+take turns in blocks of runs, each block after untimed calls."""
+
+import time
 
 from mlx_flash_attn import bench
 
 
 def test_peers_take_turns(monkeypatch):
     monkeypatch.setattr(bench, "WARMUP_S", 0.0)
+    monkeypatch.setattr(bench, "LEAD_S", 0.0)  # one untimed call per block
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("ours", "torch")}
     times = bench.timeit(fns, reps=8, warmup=2, span=0)
@@ -20,6 +23,24 @@ def test_peers_take_turns(monkeypatch):
     assert [b[0] for b in blocks] == ["ours", "torch"] * bench.TURNS
     assert sum(b[1] for b in blocks if b[0] == "ours") == 8 + bench.TURNS
     assert all(med >= 0 and lo <= med <= hi for med, lo, hi in times.values())
+
+
+def test_each_block_starts_with_untimed_calls_lasting_lead_s(monkeypatch):
+    """The peer timed before may leave threads spinning for milliseconds:
+    a block's timed runs start LEAD_S after its first untimed call."""
+    monkeypatch.setattr(bench, "WARMUP_S", 0.0)
+    monkeypatch.setattr(bench, "LEAD_S", 0.01)
+    calls = []
+
+    def peer(name):
+        return lambda: (calls.append((name, time.perf_counter())), time.sleep(0.001))
+
+    bench.timeit({"ours": peer("ours"), "torch": peer("torch")}, reps=4, warmup=1, span=0)
+    starts = [i for i in range(3, len(calls)) if calls[i][0] != calls[i - 1][0]] + [len(calls)]
+    blocks = [calls[a:b] for a, b in zip([2] + starts[:-1], starts)]  # after the warm-ups
+    assert len(blocks) == 2 * bench.TURNS
+    for block in blocks:  # 1 timed run, after untimed calls spanning LEAD_S
+        assert len(block) >= 3 and block[-1][1] - block[0][1] >= 0.01
 
 
 def test_a_slow_peer_is_timed_once(monkeypatch):

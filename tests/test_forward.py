@@ -212,8 +212,9 @@ def test_decode_streamed_kv(rng, dtype, opts):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_long_keys_converted_in_waves(rng, dtype):
     """One K/V head's float32 copy (9k keys x D 128) fills most of the CPU
-    kernel's 16 MiB budget, so its 8 K/V heads are converted a few at a
-    time (one per thread at least), each wave's tasks run before the next."""
+    kernel's 16 MiB budget (a bfloat16 pack: more than its 2 MiB), so its 8
+    K/V heads are converted a few at a time (one per thread at least), each
+    wave's tasks run before the next."""
     run_and_check(rng, dtype, B=2, Hq=8, Hk=4, Lq=100, Lk=9000, D=128, window_size=(-1, 4000))
 
 

@@ -53,12 +53,14 @@ def test_varlen_equals_per_sequence(rng, dtype, opts):
         np.testing.assert_allclose(got, ref_lse, rtol=2e-5, atol=2e-5)
 
 
-def test_varlen_long_keys_in_waves(rng):
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=str)
+def test_varlen_long_keys_in_waves(rng, dtype):
     """Packed sequences share each K/V head; with ~9k keys per head the CPU
-    kernel converts the heads in waves (see test_long_keys_converted_in_waves)."""
+    kernel converts (bfloat16: packs) the heads in waves (see
+    test_long_keys_converted_in_waves)."""
     lens_q, lens_k = [100, 0, 70, 1], [4000, 30, 5000, 3]
     Hq, Hk, D = 8, 8, 128
-    q, k, v = (pack(rng, lens, H, D, mx.float16) for lens, H in
+    q, k, v = (pack(rng, lens, H, D, dtype) for lens, H in
                ((lens_q, Hq), (lens_k, Hk), (lens_k, Hk)))
     out = fa.attention_varlen(q, k, v, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k),
                               causal=True)
@@ -68,7 +70,7 @@ def test_varlen_long_keys_in_waves(rng):
             continue
         t = lambda x, o: x[o[b]:o[b + 1]].transpose(1, 0, 2)[None]
         ref, _ = reference(t(q, oq), t(k, ok), t(v, ok), causal=True)
-        assert_close(out[oq[b]:oq[b + 1]].transpose(1, 0, 2)[None], ref, mx.float16)
+        assert_close(out[oq[b]:oq[b + 1]].transpose(1, 0, 2)[None], ref, dtype)
 
 
 def test_varlen_decode_split_keys(rng):

@@ -493,9 +493,9 @@ constexpr size_t kWaveBytes = size_t(16) << 20;
 // per head: waves of 7 and 1 heads (768 tokens, d128, 8 heads, 2 threads)
 // left a core idle through the second wave (forward+backward 0.78-0.93x
 // PyTorch's; 1.04-1.05x in waves of 4 and 4).
-inline int64_t wave_heads(size_t head_bytes, int64_t nkv) {
+inline int64_t wave_heads(size_t head_bytes, int64_t nkv, size_t wave_bytes = kWaveBytes) {
   const int64_t t = num_threads();
-  int64_t w = int64_t(kWaveBytes / head_bytes) / t * t;
+  int64_t w = int64_t(wave_bytes / head_bytes) / t * t;
   w = w < t ? t : w;
   const int64_t waves = nkv > w ? (nkv + w - 1) / w : 1;
   w = ((nkv + waves - 1) / waves + t - 1) / t * t;

@@ -10,7 +10,8 @@ a call over 20 s in warm-up is timed once. Ours and PyTorch take turns,
 on both. Speed-ups are ratios of medians. GFLOP/s counts 4*B*H*Lq*Lk*D
 (halved for causal) forward, 3.5x that for forward+backward (the
 backward's five GEMMs on top of the forward's two), beside a GEMM ceiling
-(PyTorch's float32 matmul) timed in turns with each row. The full mode ends
+(PyTorch's matmul in float32 or, where faster, the row's 16-bit dtype)
+timed in turns with each row. The full mode ends
 with the peak extra memory of a 32k-token causal call.
 """
 
@@ -156,7 +157,11 @@ def gemm_ceiling(dtype, max_n=2048):
         n *= 2
 
 
-def run_case(cfg, dtype, causal, backward, reps, with_mlx):
+def run_case(cfg, dtype, causal, backward, reps, with_mlx, ceil_dtypes=("float32",)):
+    """Times one case: ours, PyTorch's, and a GEMM ceiling per dtype of
+    ceil_dtypes (a PyTorch matmul, in turns with them), and MLX's alone;
+    returns its FLOP count and name -> (median, min, max) ms, or GFLOP/s
+    for "ceil" (the best of ceil_dtypes' ceilings)."""
     name, B, H, Hk, Lq, Lk, D = cfg
     rng = np.random.default_rng(0)
     arrs = [rng.standard_normal(s).astype(np.float32) for s in
@@ -200,15 +205,18 @@ def run_case(cfg, dtype, causal, backward, reps, with_mlx):
             F.scaled_dot_product_attention(*xs, **opts).backward(tdo)
 
         fns["torch"] = pt_bwd if backward else pt
-        # The float32 GEMM ceiling, timed in turns with the case: the guest's
-        # speed drifts by 10-30% over minutes, so one ceiling measured at the
-        # start made rows read anywhere from 57% to 112% of it. 1536^3 runs
-        # as fast as 2048^3 (178-180 GFLOP/s here) in 40% of the time.
-        mm, mm_flop = matmul(torch.float32, 1536)
-        fns["ceil"] = mm
+        # The GEMM ceilings, timed in turns with the case: the guest's
+        # speed drifts by 10-30% over minutes (float32 ceilings of one run:
+        # 122-201 GFLOP/s), so one ceiling measured at the start made rows
+        # read anywhere from 57% to 112% of it. 1536^3 runs as fast as
+        # 2048^3 (178-180 GFLOP/s here) in 40% of the time.
+        mm_flop = {}
+        for dt in ceil_dtypes:
+            fns["ceil " + dt], mm_flop[dt] = matmul(getattr(torch, dt), 1536)
     results = timeit(fns, reps, warmup=1 if f > 2e11 else 2)
-    if "ceil" in results:
-        results["ceil"] = mm_flop / results["ceil"][1] / 1e6  # best run, GFLOP/s
+    if torch is not None:  # best runs, GFLOP/s
+        results["ceil"] = max(mm_flop[dt] / results.pop("ceil " + dt)[1] / 1e6
+                              for dt in ceil_dtypes)
     if with_mlx and f <= MLX_MAX_FLOP:  # 30-100x slower: 2 runs, on its own
         results.update(timeit({"mlx": timed(mlx_sdpa)}, 2, warmup=1, span=0))
     return f, results
@@ -252,8 +260,15 @@ def main(argv=None):
                 for dt in dict.fromkeys(["float32"] + dtypes) if dt != "float16"}
     print("GEMM ceiling (PyTorch matmul, best run, n^3 up to 2048^3) at the start: " +
           ", ".join(f"{dt} {c:.0f} GFLOP/s" for dt, c in ceilings.items()))
-    print("each row's ceiling: the float32 1536^3 matmul's best run, timed in turns with "
-          "the row (16-bit rows: or the start's 16-bit ceiling, if higher)")
+    # A 16-bit row can always be computed in float32: its ceiling is the
+    # faster of the two matmuls. PyTorch's 16-bit matmul is timed in turns
+    # only where it was faster at the start (without bfloat16 arithmetic it
+    # runs at ~1 GFLOP/s: seconds per 1536^3).
+    fast16 = [dt for dt in dtypes if dt != "float32" and
+              ceilings.get(dt, 0.0) > ceilings["float32"]]
+    print("each row's ceiling: the best run of a 1536^3 matmul in float32 "
+          f"{'or the row dtype (' + ', '.join(fast16) + ') ' if fast16 else ''}"
+          "timed in turns with the row, the faster of the two")
     print(f"times: median ms (max-min spread) over {reps} runs, or as many as span "
           f"{TIMED_S} s (up to {MAX_REPS}), ours and torch in {TURNS} turns; MLX over 2")
     head = (f"{'config':10s} {'pass':7s} {'dtype':8s} {'causal':6s} {'ours ms':>17s} {'mlx ms':>17s} "
@@ -270,7 +285,8 @@ def main(argv=None):
         cases.append(("fwd+bwd", dtypes[0], True, SEED[2]))
     speedups = {}
     for ps, dtype, causal, cfg in cases:
-        f, r = run_case(cfg, dtype, causal, ps == "fwd+bwd", reps, not args.no_mlx)
+        f, r = run_case(cfg, dtype, causal, ps == "fwd+bwd", reps, not args.no_mlx,
+                        ("float32", dtype) if dtype in fast16 else ("float32",))
         ours = r["ours"][0]
         vs = {}
         for peer in ("mlx", "torch"):
@@ -278,12 +294,7 @@ def main(argv=None):
                 vs[peer] = r[peer][0] / ours
                 speedups.setdefault((peer, ps), []).append(vs[peer])
         gf = f / ours / 1e6
-        # The row's own float32 ceiling (the start's without PyTorch's
-        # timings). A 16-bit dtype can always be computed in float32: its
-        # ceiling is the faster of the two (CPUs without bfloat16 arithmetic).
-        ceil = r.get("ceil", ceilings["float32"])
-        if dtype != "float32":
-            ceil = max(ceil, ceilings.get(dtype, 0.0))
+        ceil = r.get("ceil", float("nan"))
         print(f"{cfg[0]:10s} {ps:7s} {dtype:8s} {str(causal and cfg[4] > 1):6s} "
               f"{fmt_time(r['ours'])} {fmt_time(r.get('mlx'))} {fmt_time(r.get('torch'))} "
               f"{fmt_ratio(vs.get('mlx'), 6, 1)} {fmt_ratio(vs.get('torch'), 7, 2)} "

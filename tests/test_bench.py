@@ -52,6 +52,26 @@ def test_a_slow_peer_is_timed_once(monkeypatch):
     assert times["slow"][1] == times["slow"][2]
 
 
+def test_a_16_bit_case_keeps_the_faster_ceiling(monkeypatch):
+    """A bfloat16 case given both dtypes times a matmul in each, in turns
+    with the peers, and keeps the faster: here the bfloat16 one, made to
+    claim a million times its FLOPs."""
+    timed = []
+    real = bench.matmul
+
+    def matmul(dtype, n):
+        mm, f = real(dtype, 64)
+        return (lambda: (timed.append(dtype), mm())), f * (1e6 if dtype == bench.torch.bfloat16 else 1)
+
+    monkeypatch.setattr(bench, "matmul", matmul)
+    case = (("tiny", 1, 2, 1, 16, 16, 32), "bfloat16", False, False, 1, False)
+    _, r = bench.run_case(*case, ("float32",))
+    assert set(timed) == {bench.torch.float32} and r["ceil"] < 1e5
+    _, r = bench.run_case(*case, ("float32", "bfloat16"))
+    assert set(timed) == {bench.torch.float32, bench.torch.bfloat16} and r["ceil"] > 1e5
+    assert set(r) == {"ours", "torch", "ceil"}
+
+
 def test_each_case_times_a_ceiling():
     """A case times the float32 GEMM ceiling in turns with the peers and
     returns it as GFLOP/s (the row's 'of ceil' is against it)."""

@@ -137,9 +137,9 @@ inline void pack_row_pairs(const uint16_t* x, long n, int d, fa_index_t rs, fa_i
 
 // The two block GEMMs, over nr rows of A and C (tiles compute
 // round_up(nr, 32): A must hold them, zero past nr, and C have room):
-// gemm_abt: C (nr x 64 f32, row stride 64) = A (nr x kd bf16, row stride
-//   lda; kd a multiple of 32) B^T, B^T in transposed pairs with np columns,
-//   from column (row of B) j0.
+// gemm_abt: C (nr x 64 f32, row stride 64) = scale A (nr x kd bf16, row
+//   stride lda; kd a multiple of 32) B^T, B^T in transposed pairs with np
+//   columns, from column (row of B) j0.
 // gemm_ab_add: C (nr x nc, row stride ldc) = alpha[r] C + A B (alpha null:
 //   1), A (nr x 64 bf16, row stride 64), B the 64 rows from row i0 (even)
 //   of a row-pairs pack of n columns (n a multiple of 16), over its first
@@ -158,7 +158,7 @@ struct AllKeys {
 #if defined(__AMX_BF16__)
 template <typename Span = AllKeys>
 inline void gemm_abt(const uint16_t* a, int nr, int lda, int kd, const uint16_t* bt, int np,
-                     long j0, float* c, Span = {}) {
+                     long j0, float scale, float* c, Span = {}) {
   const int rows = round_up(nr, 32);
   static_assert(BK == 64, "gemm_abt makes 64-column blocks");
   for (int r = 0; r < rows; r += 2 * kTile)
@@ -183,6 +183,8 @@ inline void gemm_abt(const uint16_t* a, int nr, int lda, int kd, const uint16_t*
       _tile_stored(2, c + (r + kTile) * BK + col, BK * 4);
       _tile_stored(3, c + (r + kTile) * BK + col + kTile, BK * 4);
     }
+  if (scale != 1.0f)
+    for (int i = 0; i < nr * BK; i += 16) store16(c + i, load16(c + i) * scale);
 }
 
 // gemm_ab_add's A B into c (row stride n), rows a multiple of 32; the 64
@@ -225,10 +227,10 @@ inline void gemm_ab_add(const uint16_t* a, int nr, const uint16_t* b, int n, lon
 // over the inner dimension's kd / 2 pairs, starting from 0 or (add) from
 // alpha[r] C. a: the rows (row stride lda), b: the first columns' words
 // of pair 0, the next pair's words bstride words on; c: the outputs (row
-// stride ldc).
+// stride ldc), the products times scale.
 template <int R, int NC>
 FA_GEMM void dot_rows(const uint16_t* a, int lda, int kd, const uint16_t* b, size_t bstride,
-                      float* c, int ldc, bool add, const float* alpha) {
+                      float* c, int ldc, bool add, const float* alpha, float scale = 1.0f) {
   __m512 acc[R][NC];
   for (int r = 0; r < R; ++r) {
     const __m512 al = _mm512_set1_ps(alpha ? alpha[r] : 1.0f);
@@ -246,6 +248,9 @@ FA_GEMM void dot_rows(const uint16_t* a, int lda, int kd, const uint16_t* b, siz
       for (int k = 0; k < NC; ++k) acc[r][k] = dot2(acc[r][k], av, bv[k]);
     }
   }
+  if (scale != 1.0f) // (C = 0 + products: the scale is not applied to alpha C)
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < NC; ++k) acc[r][k] = _mm512_mul_ps(acc[r][k], _mm512_set1_ps(scale));
   for (int r = 0; r < R; ++r)
     for (int k = 0; k < NC; ++k) _mm512_storeu_ps(c + r * ldc + 16 * k, acc[r][k]);
 }
@@ -253,26 +258,27 @@ FA_GEMM void dot_rows(const uint16_t* a, int lda, int kd, const uint16_t* b, siz
 // dot_rows over nc columns (a multiple of 16): 64 at a time, then the rest.
 template <int R>
 FA_GEMM void dot_cols(const uint16_t* a, int lda, int kd, const uint16_t* b, size_t bstride,
-                      int nc, float* c, int ldc, bool add, const float* alpha) {
+                      int nc, float* c, int ldc, bool add, const float* alpha,
+                      float scale = 1.0f) {
   int col = 0;
   for (; col + 64 <= nc; col += 64)
-    dot_rows<R, 4>(a, lda, kd, b + 2 * col, bstride, c + col, ldc, add, alpha);
+    dot_rows<R, 4>(a, lda, kd, b + 2 * col, bstride, c + col, ldc, add, alpha, scale);
   switch ((nc - col) / 16) {
-    case 3: dot_rows<R, 3>(a, lda, kd, b + 2 * col, bstride, c + col, ldc, add, alpha); break;
-    case 2: dot_rows<R, 2>(a, lda, kd, b + 2 * col, bstride, c + col, ldc, add, alpha); break;
-    case 1: dot_rows<R, 1>(a, lda, kd, b + 2 * col, bstride, c + col, ldc, add, alpha); break;
+    case 3: dot_rows<R, 3>(a, lda, kd, b + 2 * col, bstride, c + col, ldc, add, alpha, scale); break;
+    case 2: dot_rows<R, 2>(a, lda, kd, b + 2 * col, bstride, c + col, ldc, add, alpha, scale); break;
+    case 1: dot_rows<R, 1>(a, lda, kd, b + 2 * col, bstride, c + col, ldc, add, alpha, scale); break;
     default: break;
   }
 }
 
 template <typename Span = AllKeys>
 inline void gemm_abt(const uint16_t* a, int nr, int lda, int kd, const uint16_t* bt, int np,
-                     long j0, float* c, Span span = {}) {
+                     long j0, float scale, float* c, Span span = {}) {
   for_row_blocks(nr, [&]<int R>(int r) {
     int c0, c1;
     span(r, R, &c0, &c1);
     dot_cols<R>(a + size_t(r) * lda, lda, kd, bt + size_t(j0 + c0) * 2, size_t(np), c1 - c0,
-                c + r * BK + c0, BK, false, nullptr);
+                c + r * BK + c0, BK, false, nullptr, scale);
     for (int i = r; i < r + R; ++i)
       for (int col = 0; col < BK; col += 16)
         if (col < c0 || col >= c1) _mm512_storeu_ps(c + i * BK + col, _mm512_setzero_ps());

@@ -218,11 +218,9 @@ struct Backward {
   void bf16_scores(const Seq& sq, size_t qh, size_t kv, long i0, int nq, long j0, int nk,
                    float* s, float* dp) const {
     gemm_abt(bf->qrow + bf->query_d(qh) + size_t(i0) * bf->dp, nq, bf->dp, bf->dp,
-             bf->kt + bf->key_d(kv), bf->lkp, j0, s, seen_keys(sq, i0, j0, nk, 16));
+             bf->kt + bf->key_d(kv), bf->lkp, j0, p.scale, s, seen_keys(sq, i0, j0, nk, 16));
     gemm_abt(bf->dorow + bf->query_dv(qh) + size_t(i0) * bf->dvp, nq, bf->dvp, bf->dvp,
-             bf->vt + bf->key_dv(kv), bf->lkp, j0, dp, seen_keys(sq, i0, j0, nk, 16));
-    const vf16 scale = splat(p.scale);
-    for (int i = 0; i < nq * BK; i += 16) store16(s + i, load16(s + i) * scale);
+             bf->vt + bf->key_dv(kv), bf->lkp, j0, 1.0f, dp, seen_keys(sq, i0, j0, nk, 16));
   }
 #endif
 
@@ -363,12 +361,12 @@ struct Backward {
     const int nk = block_rows(sq.krows_begin, sq.krows_end, kb, nkb * BK, &j0);
     if (nk == 0) return;
     const int D = p.D, Dv = p.Dv, Dp = pad16(D), dvp = pad16(Dv);
-    float *dka, *dva, *pt, *dst, *s, *dp, *cap, *lse, *del, *tmp, *pd16;
+    float *dka, *dva, *s, *dp, *cap, *lse, *del, *tmp, *pd16;
     const size_t cols16 = bf ? size_t(bf->dp > bf->dvp ? bf->dp : bf->dvp) : 0;
-    const size_t block16 = bf ? size_t(BK) * BQ : 0;
-    carve_scratch({{&dka, size_t(nk) * Dp}, {&dva, size_t(nk) * dvp}, {&pt, block16},
-                   {&dst, block16}, {&s, BQ * BK}, {&dp, BQ * BK}, {&cap, BQ * BK},
-                   {&lse, BQ}, {&del, BQ}, {&tmp, BK * cols16}, {&pd16, block16}});
+    const size_t blocks16 = bf ? size_t(BK) * BQ * 3 / 2 : 0; // floats for 3 bfloat16 blocks
+    carve_scratch({{&dka, size_t(nk) * Dp}, {&dva, size_t(nk) * dvp}, {&s, BQ * BK},
+                   {&dp, BQ * BK}, {&cap, BQ * BK}, {&lse, BQ}, {&del, BQ},
+                   {&tmp, BK * cols16}, {&pd16, blocks16}});
     const float *qf = nullptr, *dof = nullptr;
 
     memset(dka, 0, sizeof(float) * nk * Dp);
@@ -378,7 +376,7 @@ struct Backward {
 #if defined(FA_BF16_DOT)
     if (bf)
       return dkv_task_bf16(b, hk, sq, j0, nk, qbeg, qend, dka, dva,
-                           {s, dp, cap, lse, del, pt, dst, tmp, reinterpret_cast<uint16_t*>(pd16)},
+                           {s, dp, cap, lse, del, tmp, reinterpret_cast<uint16_t*>(pd16)},
                            fz);
 #endif
     for (int h = hk * p.gqa_ratio; h < (hk + 1) * p.gqa_ratio; ++h) {
@@ -475,17 +473,29 @@ struct Backward {
 #if defined(FA_BF16_DOT)
   // The dK/dV task with bfloat16 dot products: query blocks aligned to BQ
   // (Q and dO are read in pairs of rows); per key block, S and dP as in
-  // the dQ pass, then P^T and dS^T (through float32 transposes) times the
+  // the dQ pass, then P^T and dS^T (rounded and transposed in registers) times the
   // packed dO and Q, and in the fused pass dQ += dS K.
   // The dK/dV task's scratch: float32 blocks, tmp (BK x the wider padded
-  // head dim) and the bfloat16 P^T and dS^T (BK x BQ each).
+  // head dim) and three bfloat16 blocks: P^T, dS^T (BK x BQ) and dS (BQ x BK).
   struct DkvScratch {
-    float *s, *dp, *cap, *lse, *del, *pt, *dst, *tmp;
+    float *s, *dp, *cap, *lse, *del, *tmp;
     uint16_t* pd16;
   };
-  // xt (BK x BQ) = the transpose of x (nq x BK, zero past nq rows), by 8 x
-  // 8 blocks in registers.
-  static void transpose_block(const float* x, int nq, float* xt) {
+  // Rounds 4 runs of 8 floats to bfloat16, into 8 elements at each of
+  // out[0], out[step], out[2 step], out[3 step].
+  static void round4x8(const vf8* r, uint16_t* out, int step) {
+    const __m512i h = to_bf16x32(
+        _mm512_insertf32x8(_mm512_castps256_ps512(__m256(r[0])), __m256(r[1]), 1),
+        _mm512_insertf32x8(_mm512_castps256_ps512(__m256(r[2])), __m256(r[3]), 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_extracti32x4_epi32(h, 0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + step), _mm512_extracti32x4_epi32(h, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * step), _mm512_extracti32x4_epi32(h, 2));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 3 * step), _mm512_extracti32x4_epi32(h, 3));
+  }
+  // x (nq x BK, rows past nq taken as 0) rounded to bfloat16: transposed
+  // into xt (BK x BQ) and, unless null, as rows into xr (BQ x BK); by 8 x 8
+  // blocks in registers, with no float32 copy.
+  static void round_transpose(const float* x, int nq, uint16_t* xt, uint16_t* xr) {
     for (int i0 = 0; i0 < BQ; i0 += 8)
       for (int j0 = 0; j0 < BK; j0 += 8) {
         vf8 r[8];
@@ -494,15 +504,16 @@ struct Backward {
             memcpy(&r[t], x + (i0 + t) * BK + j0, sizeof(vf8));
           else
             r[t] = vf8{};
+        if (xr)
+          for (int t = 0; t < 8; t += 4) round4x8(r + t, xr + (i0 + t) * BK + j0, BK);
         transpose8(r);
-        for (int k = 0; k < 8; ++k) memcpy(xt + (j0 + k) * BQ + i0, &r[k], sizeof(vf8));
+        for (int k = 0; k < 8; k += 4) round4x8(r + k, xt + (j0 + k) * BQ + i0, BQ);
       }
   }
   void dkv_task_bf16(int b, int hk, const Seq& sq, long j0, int nk, long qbeg, long qend,
                      float* dka, float* dva, const DkvScratch& w, const Fused* fz) const {
-    float *s = w.s, *dp = w.dp, *cap = w.cap, *lse = w.lse, *del = w.del, *pt = w.pt,
-          *dst = w.dst, *tmp = w.tmp;
-    uint16_t *pt16 = w.pd16, *dst16 = w.pd16 + BK * BQ;
+    float *s = w.s, *dp = w.dp, *cap = w.cap, *lse = w.lse, *del = w.del, *tmp = w.tmp;
+    uint16_t *pt16 = w.pd16, *dst16 = w.pd16 + BK * BQ, *ds16 = w.pd16 + 2 * BK * BQ;
     const int Dp = pad16(p.D), dvp = pad16(p.Dv);
     const size_t kv = size_t(p.packed ? 0 : b) * p.Hk + hk;
     tiles_begin();
@@ -524,10 +535,8 @@ struct Backward {
           probabilities(sq, b, h, i0, nq, jj, nkj, slope, lse, del, s, dp, cap);
           if (fz) score_grads(sq, b, h, i0, nq, jj, nkj, dp, fz->dslope + hh);
           if (p.softcap > 0.0f) softcap_chain(nq, dp, cap);
-          transpose_block(s, nq, pt);
-          transpose_block(dp, nq, dst);
-          to_bf16(pt, BK * BQ, pt16);
-          to_bf16(dst, BK * BQ, dst16);
+          round_transpose(s, nq, pt16, nullptr);
+          round_transpose(dp, nq, dst16, fz ? ds16 : nullptr);
           // dV += (P z)^T dO, dK += dS^T Q, over the queries that see each
           // register block's keys (P and dS are 0 elsewhere).
           auto seen_by = [&](int r, int R, int* r0, int* r1) {
@@ -539,11 +548,9 @@ struct Backward {
                       dva + jb * dvp, dvp, tmp, seen_by);
           gemm_ab_add(dst16, nkj, bf->qr + bf->query_d(qh), bf->dp, i0, Dp, nullptr,
                       dka + jb * Dp, Dp, tmp, seen_by);
-          if (fz) { // dQ += dS K: dS as bfloat16 rows where P^T was, zero past nq
+          if (fz) { // dQ += dS K
             float* dqa = fz->dqa + (hh * fz->rows + (i0 - sq.qrows_begin)) * Dp;
-            memset(pt16, 0, sizeof(uint16_t) * BQ * BK);
-            for (int i = 0; i < nq; ++i) to_bf16(dp + i * BK, BK, pt16 + i * BK);
-            gemm_ab_add(pt16, nq, bf->kr + bf->key_d(kv), bf->dp, jj, Dp, nullptr, dqa, Dp, tmp,
+            gemm_ab_add(ds16, nq, bf->kr + bf->key_d(kv), bf->dp, jj, Dp, nullptr, dqa, Dp, tmp,
                         seen_keys(sq, i0, jj, nkj, 2));
           }
         }

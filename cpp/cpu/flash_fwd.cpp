@@ -220,7 +220,7 @@ struct Task {
             qk_rows<R>(qrows + i * D, D, ktb, kw, D, s + i * BK, c0, c1);
           });
         probabilities(b, sq, h0, q.nqh, q.i0, q.nq, j0, nk, s, m + q.r0, l + q.r0 * 16,
-                      alpha + q.r0);
+                      alpha + q.r0, POverS{s});
         for_row_blocks(q.nq, [&]<int R>(int i) {
           int c0, c1;
           cols(i, R, 1, &c0, &c1);
@@ -293,10 +293,12 @@ struct Task {
   }
 
   // S (scaled scores of rows h0 + r / nqh, i0 + r % nqh and keys [j0, j0 +
-  // nk)) -> P: score modifiers, the online softmax update, then dropout
-  // (after the running sum: l normalises the undropped softmax).
+  // nk)) -> P, put by emit (softmax_update): score modifiers, the online
+  // softmax update, then dropout (after the running sum: l normalises the
+  // undropped softmax; it needs P over S).
+  template <typename Emit>
   void probabilities(int b, const Seq& sq, int h0, int nqh, long i0, int nq, long j0, int nk,
-                     float* s, float* m, float* l, float* alpha) const {
+                     float* s, float* m, float* l, float* alpha, const Emit& emit) const {
     // A whole block that all rows see, without modifiers, needs none of
     // the per-row work below (most blocks of most calls).
     long beg, end;
@@ -309,7 +311,7 @@ struct Task {
       if (p.softcap > 0.0f) apply_softcap(p, s + r * BK, nk);
       apply_bias_and_mask(p, sq, a.mask, b, h, i0 + r % nqh, j0, nk, slope, s + r * BK);
     }
-    softmax_update(nq, s, m, l, alpha);
+    softmax_update(nq, s, m, l, alpha, emit);
     if (p.dropout_p > 0.0f)
       for (int r = 0; r < nq; ++r) dropout_row(p, b, h0 + r / nqh, i0 + r % nqh, j0, nk, s + r * BK);
   }
@@ -395,7 +397,10 @@ struct Task {
   // accumulator, P = exp(S - m) written over S, running sum l kept as 16
   // partial sums per row (reduced once, in finish). The maxima come first,
   // so the alphas take one vector exp2 per 16 rows, not a serial one per row.
-  void softmax_update(int nq, float* s, float* m, float* l, float* alpha) const {
+  // emit(i, c, e0, e1) puts P[i][c, c + 32) (POverS: over S; the bfloat16
+  // forward rounds it into its GEMM operand instead).
+  template <typename Emit>
+  void softmax_update(int nq, float* s, float* m, float* l, float* alpha, const Emit& emit) const {
     for (int i = 0; i < nq; ++i) {
       const float* row = s + i * BK;
       vf16 mv = load16(row);
@@ -409,21 +414,30 @@ struct Task {
       store16(alpha + i, exp2v(load16(alpha + i)));
     const vf16 l2e = splat(kLog2e);
     for (int i = 0; i < nq; ++i) {
-      float* row = s + i * BK;
+      const float* row = s + i * BK;
       if (m[i] == -INFINITY) { // nothing visible yet: P = 0, O stays 0
-        memset(row, 0, sizeof(float) * BK);
+        for (int c = 0; c < BK; c += 32) emit(i, c, vf16{}, vf16{});
         continue;
       }
       const vf16 mb = splat(m[i] * kLog2e);
       vf16 sum = vf16{};
-      for (int c = 0; c < BK; c += 16) {
-        const vf16 e = exp2v(load16(row + c) * l2e - mb);
-        store16(row + c, e);
-        sum += e;
+      for (int c = 0; c < BK; c += 32) {
+        const vf16 e0 = exp2v(load16(row + c) * l2e - mb);
+        const vf16 e1 = exp2v(load16(row + c + 16) * l2e - mb);
+        emit(i, c, e0, e1);
+        sum += e0;
+        sum += e1;
       }
       store16(l + i * 16, load16(l + i * 16) * alpha[i] + sum);
     }
   }
+  struct POverS {
+    float* s;
+    void operator()(int i, int c, vf16 e0, vf16 e1) const {
+      store16(s + i * BK + c, e0);
+      store16(s + i * BK + c + 16, e1);
+    }
+  };
 
   // Folds in the sink logit, normalises and writes O and the natural-log LSE.
   // A row that saw no key gets zeros and lse = -inf (or the sink logit).
@@ -509,11 +523,16 @@ struct Bf16Task {
           base.block_cols(sq, i0, nqh, j0, nk, r, R, w, k0, k1);
         };
       };
-      gemm_abt(q16, nq, dp, dp, kt, lkp, j0, s, keys(16));
-      const vf16 scale = splat(p.scale);
-      for (int c = 0; c < nq * BK; c += 16) store16(s + c, load16(s + c) * scale);
-      base.probabilities(b, sq, h0, nqh, i0, nq, j0, nk, s, m, l, alpha);
-      for (int r = 0; r < nq; ++r) to_bf16(s + r * BK, BK, p16 + r * BK);
+      gemm_abt(q16, nq, dp, dp, kt, lkp, j0, p.scale, s, keys(16));
+      if (p.dropout_p > 0.0f) {
+        base.probabilities(b, sq, h0, nqh, i0, nq, j0, nk, s, m, l, alpha, Task<bf16_t>::POverS{s});
+        for (int r = 0; r < nq; ++r) to_bf16(s + r * BK, BK, p16 + r * BK);
+      } else { // P rounded as it is made
+        base.probabilities(b, sq, h0, nqh, i0, nq, j0, nk, s, m, l, alpha,
+                           [p16](int i, int c, vf16 e0, vf16 e1) {
+                             _mm512_storeu_si512(p16 + i * BK + c, to_bf16x32(e0, e1));
+                           });
+      }
       gemm_ab_add(p16, nq, vp, dvp, j0, dvp, alpha, o, dvp, pv, keys(2)); // O = alpha O + P V
     }
     tiles_end();

@@ -111,8 +111,9 @@ def test_gqa(rng, dtype, Hq, Hk):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_long_keys_converted_in_waves(rng, dtype):
     """One K/V head's float32 operands (9k keys x D 128) fill most of the CPU
-    kernel's 16 MiB budget: the 8 K/V heads and their query heads are
-    converted and differentiated a few at a time."""
+    kernel's 16 MiB budget (bfloat16 packs: more than their 2 MiB): the 8
+    K/V heads and their query heads are converted and differentiated a few
+    at a time."""
     grad_check(rng, dtype, B=2, Hq=8, Hk=4, Lq=70, Lk=9000, D=128, window_size=(-1, 4000))
 
 

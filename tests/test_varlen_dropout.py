@@ -138,10 +138,11 @@ def test_varlen_sink_and_alibi_gradients(rng):
 @pytest.mark.parametrize("dtype,lens_q,lens_k,Hq,Hk,D", [
     (mx.float32, LENS_Q, LENS_K, 4, 1, 32),
     (mx.bfloat16, LENS_Q, LENS_K, 4, 1, 32),
-    # ~9k keys per K/V head at D 128: the CPU backward converts and runs the
-    # 4 K/V heads (shared by all sequences) in waves.
+    # ~9k keys per K/V head at D 128: the CPU backward converts (bfloat16:
+    # packs) and runs the 4 K/V heads (shared by all sequences) in waves.
     (mx.float32, [100, 0, 70], [4000, 30, 5000], 8, 4, 128),
-], ids=["float32", "bfloat16", "float32-waves"])
+    (mx.bfloat16, [100, 0, 70], [4000, 30, 5000], 8, 4, 128),
+], ids=["float32", "bfloat16", "float32-waves", "bfloat16-waves"])
 def test_varlen_gradients_equal_per_sequence(rng, dtype, lens_q, lens_k, Hq, Hk, D):
     q = pack(rng, lens_q, Hq, D, dtype)
     k = pack(rng, lens_k, Hk, D, dtype)

@@ -49,15 +49,18 @@ struct FloatPacks {
   float *kt, *vt, *km, *qf, *dof;
 };
 
-// bfloat16 operands packed once for the dot-product GEMMs (bf16_gemm.h), in
-// the builds that have them (amx, avx512bf16):
+// bfloat16 operands packed for the dot-product GEMMs (bf16_gemm.h), in
+// the builds that have them (amx, avx512bf16), for the K/V heads
+// [kv_first, kv_first + wave) and their query heads (like FloatPacks):
 // per K/V head K^T and V^T (transposed pairs) and K (row pairs); per query
 // head Q and dO as plain rows and as row pairs. Rows are padded to a block
 // multiple plus one block (tasks may start mid-block), D and Dv to 32.
 struct Bf16Packs {
   int lkp, lqp, dp, dvp;
+  int64_t kv_first, wave;
   uint16_t *kt, *vt, *kr, *qrow, *dorow, *qr, *dor;
-  // Offsets of head `kv` / `qh` (batch entry 0 when packed) in the packs.
+  // Offsets of the wave's head `kv` / `qh` (counted from the wave's first)
+  // in the packs.
   size_t key_d(size_t kv) const { return kv * lkp * dp; }     // kt, kr
   size_t key_dv(size_t kv) const { return kv * lkp * dvp; }   // vt
   size_t query_d(size_t qh) const { return qh * lqp * dp; }   // qrow, qr
@@ -200,7 +203,8 @@ struct Backward {
     uint16_t* ds16; // BQ x BK bfloat16 scratch, zero past the block's rows
   };
   Bf16Block bf16_block(int b, int h, int hk, float* scratch) const {
-    Bf16Block ab{size_t(p.packed ? 0 : b) * p.Hq + h, size_t(p.packed ? 0 : b) * p.Hk + hk,
+    Bf16Block ab{size_t(p.packed ? 0 : b) * p.Hq + h - bf->kv_first * p.gqa_ratio,
+                 size_t(p.packed ? 0 : b) * p.Hk + hk - bf->kv_first,
                  reinterpret_cast<uint16_t*>(scratch)};
     memset(ab.ds16, 0, sizeof(uint16_t) * BQ * BK);
     tiles_begin();
@@ -515,12 +519,12 @@ struct Backward {
     float *s = w.s, *dp = w.dp, *cap = w.cap, *lse = w.lse, *del = w.del, *tmp = w.tmp;
     uint16_t *pt16 = w.pd16, *dst16 = w.pd16 + BK * BQ, *ds16 = w.pd16 + 2 * BK * BQ;
     const int Dp = pad16(p.D), dvp = pad16(p.Dv);
-    const size_t kv = size_t(p.packed ? 0 : b) * p.Hk + hk;
+    const size_t kv = size_t(p.packed ? 0 : b) * p.Hk + hk - bf->kv_first;
     tiles_begin();
     for (int h = hk * p.gqa_ratio; h < (hk + 1) * p.gqa_ratio; ++h) {
       const float slope = p.has_alibi ? per_head(a.fwd.alibi, p.alibi_strides, b, h) : 0.0f;
       const int hh = h - hk * p.gqa_ratio;
-      const size_t qh = size_t(p.packed ? 0 : b) * p.Hq + h;
+      const size_t qh = size_t(p.packed ? 0 : b) * p.Hq + h - bf->kv_first * p.gqa_ratio;
       for (long i0 = qbeg / BQ * BQ; i0 < qend; i0 += BQ) {
         const int nq = qend - i0 < BQ ? int(qend - i0) : BQ;
         const float *unused_q, *unused_do; // the packs hold Q and dO here
@@ -583,35 +587,48 @@ void parallel(int64_t n, const F& f) {
 }
 
 #if defined(FA_BF16_DOT)
-// Packs the bfloat16 operands of the dot-product backward (Bf16Packs) in parallel
-// over heads; returns the buffer holding them.
-uint16_t* pack_backward(const BackwardArgs& a, Bf16Packs& pk) {
-  const FlashParams& p = *a.fwd.p;
-  const int nb = p.packed ? 1 : p.B;
+// Packs of a wave of K/V heads and their query heads take this many bytes
+// at most (at least one K/V head per thread), like the forward's.
+constexpr size_t kBf16WaveBytes = size_t(2) << 20;
+
+// The buffer of Bf16Packs for waves of the nkv K/V heads; sets pk's sizes
+// and pointers.
+uint16_t* alloc_bf16_packs(const FlashParams& p, int64_t nkv, Bf16Packs& pk) {
   pk.lkp = round_up(p.Lk, BK) + BK;
   pk.lqp = round_up(p.Lq, BQ) + BQ;
   pk.dp = round_up(p.D, 32);
   pk.dvp = round_up(p.Dv, 32);
-  const int64_t nkv = int64_t(nb) * p.Hk, nqh = int64_t(nb) * p.Hq;
-  uint16_t* buf = alloc_aligned<uint16_t>(nkv * (2 * pk.key_d(1) + pk.key_dv(1)) + nqh * (2 * pk.query_d(1) + 2 * pk.query_dv(1)));
+  const size_t key = 2 * pk.key_d(1) + pk.key_dv(1);
+  const size_t query = size_t(p.gqa_ratio) * (2 * pk.query_d(1) + 2 * pk.query_dv(1));
+  pk.wave = wave_heads((key + query) * sizeof(uint16_t), nkv, kBf16WaveBytes);
+  const int64_t nq = pk.wave * p.gqa_ratio;
+  uint16_t* buf = alloc_aligned<uint16_t>(pk.wave * (key + query));
   pk.kt = buf;
-  pk.kr = pk.kt + pk.key_d(nkv);
-  pk.vt = pk.kr + pk.key_d(nkv);
-  pk.qrow = pk.vt + pk.key_dv(nkv);
-  pk.qr = pk.qrow + pk.query_d(nqh);
-  pk.dorow = pk.qr + pk.query_d(nqh);
-  pk.dor = pk.dorow + pk.query_dv(nqh);
-  parallel(nkv + nqh, [&](int64_t i) {
-    if (i < nkv) {
-      const int b = int(i / p.Hk), hk = int(i % p.Hk);
+  pk.kr = pk.kt + pk.key_d(pk.wave);
+  pk.vt = pk.kr + pk.key_d(pk.wave);
+  pk.qrow = pk.vt + pk.key_dv(pk.wave);
+  pk.qr = pk.qrow + pk.query_d(nq);
+  pk.dorow = pk.qr + pk.query_d(nq);
+  pk.dor = pk.dorow + pk.query_dv(nq);
+  return buf;
+}
+
+// Packs the bfloat16 operands of K/V heads [pk.kv_first, pk.kv_first + n)
+// and their query heads, in parallel over heads.
+void pack_backward(const BackwardArgs& a, const Bf16Packs& pk, int64_t n) {
+  const FlashParams& p = *a.fwd.p;
+  parallel(n * (1 + p.gqa_ratio), [&](int64_t i) {
+    if (i < n) {
+      const int64_t kv = pk.kv_first + i;
+      const int b = int(kv / p.Hk), hk = int(kv % p.Hk);
       const uint16_t* k = static_cast<const uint16_t*>(a.fwd.k) + b * p.k_strides[0] + hk * p.k_strides[1];
       const uint16_t* v = static_cast<const uint16_t*>(a.fwd.v) + b * p.v_strides[0] + hk * p.v_strides[1];
       pack_transposed_pairs(k, p.Lk, p.D, p.k_strides[2], p.k_strides[3], pk.lkp, pk.dp, pk.kt + pk.key_d(i));
       pack_row_pairs(k, p.Lk, p.D, p.k_strides[2], p.k_strides[3], pk.lkp, pk.dp, pk.kr + pk.key_d(i));
       pack_transposed_pairs(v, p.Lk, p.Dv, p.v_strides[2], p.v_strides[3], pk.lkp, pk.dvp, pk.vt + pk.key_dv(i));
     } else {
-      const int64_t j = i - nkv;
-      const int b = int(j / p.Hq), h = int(j % p.Hq);
+      const int64_t j = i - n, qh = pk.kv_first * p.gqa_ratio + j;
+      const int b = int(qh / p.Hq), h = int(qh % p.Hq);
       const uint16_t* q = static_cast<const uint16_t*>(a.fwd.q) + b * p.q_strides[0] + h * p.q_strides[1];
       const uint16_t* d = static_cast<const uint16_t*>(a.dout) + b * p.do_strides[0] + h * p.do_strides[1];
       pack_rows(q, p.Lq, p.D, p.q_strides[2], p.q_strides[3], pk.lqp, pk.dp, pk.qrow + pk.query_d(j));
@@ -620,7 +637,6 @@ uint16_t* pack_backward(const BackwardArgs& a, Bf16Packs& pk) {
       pack_row_pairs(d, p.Lq, p.Dv, p.do_strides[2], p.do_strides[3], pk.lqp, pk.dvp, pk.dor + pk.query_dv(j));
     }
   });
-  return buf;
 }
 #endif
 
@@ -719,13 +735,13 @@ void run_backward(const BackwardArgs& a) {
   // task rows to write theirs.
   memset(delta + nbh * p.Lq, 0, sizeof(float) * 2 * nbh * nqb);
   // bfloat16 with dot products: the GEMMs run on bfloat16 pairs over
-  // operands packed once; otherwise on FMAs over operands converted to
-  // float32 a wave of heads at a time.
+  // operands packed, otherwise on FMAs over operands converted to float32,
+  // a wave of heads at a time.
   Bf16Packs packs{};
   FloatPacks fpacks{};
   void* packed_operands = nullptr;
 #if defined(FA_BF16_DOT)
-  if constexpr (is_bf16<T>) packed_operands = pack_backward(a, packs);
+  if constexpr (is_bf16<T>) packed_operands = alloc_bf16_packs(p, nkv, packs);
 #endif
   if (!packed_operands) packed_operands = alloc_float_packs(p, nkv, fpacks);
   Backward<T> bw{a, p, delta, delta + nbh * p.Lq, nqb,
@@ -737,14 +753,15 @@ void run_backward(const BackwardArgs& a) {
   // (Not the bfloat16 packs' with packed sequences: their query blocks,
   // aligned to BQ, may start before a sequence's dQ rows.)
   const bool fused = !(packs.kt && p.packed) && nkv * (p.packed ? p.B : 1) >= 2 * num_threads();
-  if (packs.kt) {
-    run_heads(bw, 0, nkv, nkb, fused);
-  } else {
-    for (fpacks.kv_first = 0; fpacks.kv_first < nkv; fpacks.kv_first += fpacks.wave) {
-      const int64_t n = nkv - fpacks.kv_first < fpacks.wave ? nkv - fpacks.kv_first : fpacks.wave;
-      convert_backward<T>(a, fpacks, n);
-      run_heads(bw, fpacks.kv_first, n, nkb, fused);
-    }
+  int64_t& first = packs.kt ? packs.kv_first : fpacks.kv_first;
+  const int64_t wave = packs.kt ? packs.wave : fpacks.wave;
+  for (first = 0; first < nkv; first += wave) {
+    const int64_t n = nkv - first < wave ? nkv - first : wave;
+#if defined(FA_BF16_DOT)
+    if (packs.kt) pack_backward(a, packs, n);
+#endif
+    if (!packs.kt) convert_backward<T>(a, fpacks, n);
+    run_heads(bw, first, n, nkb, fused);
   }
   for (int64_t bh = 0; bh < nbh; ++bh) { // fixed-order reduction of the partials
     double d_alibi = 0.0, d_sink = 0.0;

@@ -206,8 +206,8 @@ def run_case(cfg, dtype, causal, backward, reps, with_mlx, ceil_dtypes=("float32
 
         fns["torch"] = pt_bwd if backward else pt
         # The GEMM ceilings, timed in turns with the case: the guest's
-        # speed drifts by 10-30% over minutes (float32 ceilings of one run:
-        # 122-201 GFLOP/s), so one ceiling measured at the start made rows
+        # speed drifts by 10-30% over minutes (float32 ceilings over 36 rows
+        # here: 122-201 GFLOP/s), so one ceiling measured at the start made rows
         # read anywhere from 57% to 112% of it. 1536^3 runs as fast as
         # 2048^3 (178-180 GFLOP/s here) in 40% of the time.
         mm_flop = {}

@@ -587,10 +587,6 @@ void parallel(int64_t n, const F& f) {
 }
 
 #if defined(FA_BF16_DOT)
-// Packs of a wave of K/V heads and their query heads take this many bytes
-// at most (at least one K/V head per thread), like the forward's.
-constexpr size_t kBf16WaveBytes = size_t(2) << 20;
-
 // The buffer of Bf16Packs for waves of the nkv K/V heads; sets pk's sizes
 // and pointers.
 uint16_t* alloc_bf16_packs(const FlashParams& p, int64_t nkv, Bf16Packs& pk) {

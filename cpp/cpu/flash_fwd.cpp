@@ -394,7 +394,7 @@ struct Task {
   }
 
   // Online softmax: per row, new max m, rescale factor alpha for the old
-  // accumulator, P = exp(S - m) written over S, running sum l kept as 16
+  // accumulator, P = exp(S - m) handed to emit, running sum l kept as 16
   // partial sums per row (reduced once, in finish). The maxima come first,
   // so the alphas take one vector exp2 per 16 rows, not a serial one per row.
   // emit(i, c, e0, e1) puts P[i][c, c + 32) (POverS: over S; the bfloat16
@@ -465,8 +465,9 @@ struct Task {
 // ---------------------------------------------------------------------------
 // bfloat16 with dot-product instructions (AMX tiles or AVX512-BF16, see
 // bf16_gemm.h): the same task with the two block GEMMs on bfloat16 pairs.
-// K and V are packed into its layouts once per head beforehand, so the
-// per-block work is the GEMMs and the float32 softmax in between.
+// K and V are packed into its layouts beforehand (a wave of heads at a
+// time, see run_bf16), so the per-block work is the GEMMs and the float32
+// softmax in between.
 // ---------------------------------------------------------------------------
 struct Bf16Task {
   const Task<bf16_t>& base; // options, softmax and finish are shared
@@ -554,11 +555,6 @@ void run_tasks(const TaskT& t, const TaskOrder& order, int64_t begin, int64_t en
 }
 
 #if defined(FA_BF16_DOT)
-// Packs of K and V are made for this many bytes of heads at a time, then
-// their tasks run: 2 MiB (L2-sized) waves, against 16 MiB, ran 8 x 1024
-// tokens 3-6% faster (2 threads, ab_kernels.sh; RESULTS.md).
-constexpr size_t kBf16WaveBytes = size_t(2) << 20;
-
 // Packs K and V of a wave of (batch, K/V head)s in parallel, then runs
 // their tasks; wave after wave.
 void run_bf16(const Task<bf16_t>& task, const TaskOrder& order) {
@@ -566,7 +562,7 @@ void run_bf16(const Task<bf16_t>& task, const TaskOrder& order) {
   const int64_t nheads = order.kv_heads();
   Bf16Task bf{task, round_up(p.Lk, BK), round_up(p.D, 32), round_up(p.Dv, 16), nullptr, nullptr};
   const size_t head_elems = bf.k_elems() + bf.v_elems();
-  const int64_t wave = wave_heads(head_elems * 2, nheads, kBf16WaveBytes);
+  const int64_t wave = wave_heads(head_elems * sizeof(uint16_t), nheads, kBf16WaveBytes);
   uint16_t* buf = alloc_aligned<uint16_t>(wave * head_elems);
   bf.kpack = buf;
   bf.vpack = buf + wave * bf.k_elems();

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import mlx_flash_attn as fa
-from reference import DTYPES, assert_close, assert_lse_close, rand, reference, to64
+from reference import DTYPES, assert_close, assert_lse_close, rand, reference
 
 HEAD_DIMS = [32, 64, 80, 96, 128, 256]
 # (Lq, Lk): single query, not multiples of the 64-wide blocks, Lq != Lk both ways.

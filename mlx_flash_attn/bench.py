@@ -7,7 +7,8 @@ Times are medians of repeated runs (at least --reps, more for short calls)
 after a warm-up of at least 0.3 s, with the spread (min-max) of the runs;
 a call over 20 s in warm-up is timed once. Ours and PyTorch take turns,
 4 blocks of runs each, so a change in the machine's load mid-case falls
-on both. Speed-ups are ratios of medians. GFLOP/s counts 4*B*H*Lq*Lk*D
+on both; a block of short calls starts after 30 ms of untimed ones, past
+the other peer's spinning threads. Speed-ups are ratios of medians. GFLOP/s counts 4*B*H*Lq*Lk*D
 (halved for causal) forward, 3.5x that for forward+backward (the
 backward's five GEMMs on top of the forward's two), beside a GEMM ceiling
 (PyTorch's matmul in float32 or, where faster, the row's 16-bit dtype)

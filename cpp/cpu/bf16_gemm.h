@@ -227,7 +227,8 @@ inline void gemm_ab_add(const uint16_t* a, int nr, const uint16_t* b, int n, lon
 // over the inner dimension's kd / 2 pairs, starting from 0 or (add) from
 // alpha[r] C. a: the rows (row stride lda), b: the first columns' words
 // of pair 0, the next pair's words bstride words on; c: the outputs (row
-// stride ldc), the products times scale.
+// stride ldc), times scale (which, starting from C, would scale it too:
+// callers that add keep the default 1).
 template <int R, int NC>
 FA_GEMM void dot_rows(const uint16_t* a, int lda, int kd, const uint16_t* b, size_t bstride,
                       float* c, int ldc, bool add, const float* alpha, float scale = 1.0f) {
@@ -248,7 +249,7 @@ FA_GEMM void dot_rows(const uint16_t* a, int lda, int kd, const uint16_t* b, siz
       for (int k = 0; k < NC; ++k) acc[r][k] = dot2(acc[r][k], av, bv[k]);
     }
   }
-  if (scale != 1.0f) // (C = 0 + products: the scale is not applied to alpha C)
+  if (scale != 1.0f)
     for (int r = 0; r < R; ++r)
       for (int k = 0; k < NC; ++k) acc[r][k] = _mm512_mul_ps(acc[r][k], _mm512_set1_ps(scale));
   for (int r = 0; r < R; ++r)

@@ -238,11 +238,12 @@ def test_non_contiguous_inputs(rng, dtype, v_cols):
 
 
 # Fewer than 8 query rows per task (decoding) take S from dot products with
-# 8 rows of K at a time: head dims that are not a multiple of 8 leave a
-# tail, key counts a partial group; float32 K of unit stride is read in
-# place, strided or 16-bit K converted first.
+# a few rows of K at a time: head dims that are not a multiple of 16 leave
+# a tail, key counts a partial group. K rows of unit stride are read in
+# place (16-bit ones converted in registers), strided ones copied first; V
+# rows in place where D is a multiple of 16 (48: three 16-column chunks).
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("D", [1, 7, 20, 100])
+@pytest.mark.parametrize("D", [1, 7, 20, 48, 100])
 @pytest.mark.parametrize("Lq", [1, 3])
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 def test_few_rows_odd_head_dims(rng, dtype, D, Lq, strided):

@@ -44,7 +44,7 @@ inline int heads_per_task(const FlashParams& p) {
 // 4 blocks 5-15% faster than 1).
 constexpr int kSubBlocks = 4;
 
-// Below this many rows a task computes S by dot products (qk_direct).
+// Below this many rows a task computes S by dot products (qk_keys).
 constexpr int kFewRows = 8;
 
 // A task whose K and V blocks, converted as they stream by (decoding), take
@@ -180,12 +180,17 @@ struct Task {
     }
 
     const bool stream = size_t(kend - kbeg) * (D + Dv) * sizeof(T) > kStreamBytes;
+    // Few rows (decoding): dot products with K's rows beat transposing the
+    // block, which would be used by only those rows. K and V are then read
+    // in place where their rows are contiguous (V's a multiple of 16 long),
+    // converted in registers, else through float32 copies of the block's rows
+    // (copying them all took 2x as long: bfloat16, 4k keys, 2 threads).
+    const bool few_rows = nb == 1 && blk[0].nq < kFewRows && !kv.kt;
+    const bool k_rows = few_rows && p.k_strides[3] == 1;
+    const bool v_rows = few_rows && p.v_strides[3] == 1 && dvp == Dv;
     for (long j0 = kbeg; j0 < kend; j0 += BK) {
       const int nk = kend - j0 < BK ? int(kend - j0) : BK;
       // K^T and V: converted once per head beforehand, or per block here.
-      // Few rows (decoding): dot products with K's rows beat transposing
-      // the block, which would be used by only those rows.
-      const bool few_rows = nb == 1 && blk[0].nq < kFewRows && !kv.kt;
       const float *ktb = kt, *vb = vf;
       int kw = BK, ldv = dvp, vcs = 16; // kw: K^T's panel width
       if (kv.kt) {
@@ -201,7 +206,8 @@ struct Task {
           ldv = int(p.v_strides[2]);
         }
       } else {
-        load_kv(k, v, j0, nk, stream, few_rows ? nullptr : kt, vf, dvp);
+        load_kv(k, v, j0, nk, stream, few_rows ? nullptr : kt, few_rows && !k_rows ? kt : nullptr,
+                v_rows ? nullptr : vf, dvp);
       }
       for (int t = 0; t < nb; ++t) {
         const QBlock& q = blk[t];
@@ -211,8 +217,15 @@ struct Task {
         auto cols = [&](int r, int R, int w, int* c0, int* c1) {
           block_cols(sq, q.i0, q.nqh, j0, nk, r, R, w, c0, c1);
         };
-        if (few_rows)
-          qk_direct(qrows, q.nq, k, j0, nk, s);
+        auto scores = [&](const auto* kb, long ldk) {
+          for_row_blocks(q.nq, [&]<int R>(int i) {
+            qk_keys<R>(qrows + i * D, D, kb, ldk, D, nk, s + i * BK);
+          });
+        };
+        if (k_rows)
+          scores(k + j0 * p.k_strides[2], p.k_strides[2]);
+        else if (few_rows)
+          scores(kt, D);
         else
           for_row_blocks(q.nq, [&]<int R>(int i) {
             int c0, c1;
@@ -221,12 +234,18 @@ struct Task {
           });
         probabilities(b, sq, h0, q.nqh, q.i0, q.nq, j0, nk, s, m + q.r0, l + q.r0 * 16,
                       alpha + q.r0, POverS{s});
-        for_row_blocks(q.nq, [&]<int R>(int i) {
-          int c0, c1;
-          cols(i, R, 1, &c0, &c1);
-          pv_block<R>(s + i * BK + c0, BK, 1, alpha + q.r0 + i, vb + c0 * ldv, ldv, vcs, dvp,
-                      c1 - c0, ob + i * dvp);
-        });
+        auto values = [&](const auto* vr, int ldr, int cs) {
+          for_row_blocks(q.nq, [&]<int R>(int i) {
+            int c0, c1;
+            cols(i, R, 1, &c0, &c1);
+            pv_block<R>(s + i * BK + c0, BK, 1, alpha + q.r0 + i, vr + c0 * ldr, ldr, cs, dvp,
+                        c1 - c0, ob + i * dvp);
+          });
+        };
+        if (v_rows)
+          values(v + j0 * p.v_strides[2], int(p.v_strides[2]), 16);
+        else
+          values(vb, ldv, vcs);
       }
     }
     if (split.n == 1) {
@@ -324,73 +343,39 @@ struct Task {
     }
   }
 
-  // Converts keys [j0, j0 + nk) to float: K transposed (D x BK) unless kt
-  // is null, V (BK x dvp), zero-padded so the fixed-width GEMMs read
-  // defined values. With `stream` (K and V larger than the caches: read
-  // from memory, once) it prefetches the next block's V rows and, where it
-  // does not transpose K here, this block's K rows, which the QK product
-  // reads next (qk_direct): the hardware prefetchers alone kept two
-  // threads at 14 GB/s of the 23-32 this machine streams (decoding
-  // float32, 4k-32k keys: 14-20% faster). In the caches the prefetches
-  // only cost (bfloat16, 2k keys: 13% slower).
-  void load_kv(const T* k, const T* v, long j0, int nk, bool stream, float* kt, float* vf,
-               int dvp) const {
+  // Converts keys [j0, j0 + nk) to float, each where non-null: K transposed
+  // (D x BK) into kt or as rows (D apart) into kr, V (BK x dvp) into vf,
+  // zero-padded so the fixed-width GEMMs read defined values. With `stream`
+  // (K and V larger than the caches: read from memory, once) it prefetches
+  // the next block's V rows and, unless it transposes K here (the only read
+  // of K), its K rows: the hardware prefetchers alone kept two threads at
+  // 14 GB/s of the 23-32 this machine streams (decoding float32, 4k-32k
+  // keys: 14-20% faster). In the caches the prefetches only cost (bfloat16,
+  // 2k keys: 13% slower).
+  void load_kv(const T* k, const T* v, long j0, int nk, bool stream, float* kt, float* kr,
+               float* vf, int dvp) const {
     const int D = p.D, Dv = p.Dv;
     float row[FA_MAX_HEAD_DIM];
     for (int j = 0; j < nk; ++j) {
-      if (stream) {
-        if (!kt && p.k_strides[3] == 1) prefetch(k + (j0 + j) * p.k_strides[2], D);
-        if (p.v_strides[3] == 1 && j0 + BK + j < p.Lk)
-          prefetch(v + (j0 + BK + j) * p.v_strides[2], Dv);
+      const long next = j0 + BK + j;
+      if (stream && next < p.Lk) {
+        if (!kt && p.k_strides[3] == 1) prefetch(k + next * p.k_strides[2], D);
+        if (p.v_strides[3] == 1) prefetch(v + next * p.v_strides[2], Dv);
       }
       if (kt) {
         load_row(k + (j0 + j) * p.k_strides[2], p.k_strides[3], D, 1.0f, row);
         for (int d = 0; d < D; ++d) kt[d * BK + j] = row[d];
       }
-      load_row(v + (j0 + j) * p.v_strides[2], p.v_strides[3], Dv, 1.0f, vf + j * dvp);
-      for (int d = Dv; d < dvp; ++d) vf[j * dvp + d] = 0.0f;
+      if (kr) load_row(k + (j0 + j) * p.k_strides[2], p.k_strides[3], D, 1.0f, kr + j * D);
+      if (vf) {
+        load_row(v + (j0 + j) * p.v_strides[2], p.v_strides[3], Dv, 1.0f, vf + j * dvp);
+        for (int d = Dv; d < dvp; ++d) vf[j * dvp + d] = 0.0f;
+      }
     }
     if (kt)
       for (int d = 0; d < D; ++d)
         for (int j = nk; j < BK; ++j) kt[d * BK + j] = 0.0f;
-    if (nk < BK) memset(vf + nk * dvp, 0, sizeof(float) * size_t(BK - nk) * dvp);
-  }
-
-  // S[r][j] = Q[r] . K[j0 + j] for nq rows, 8 rows of K at a time (the
-  // columns past nk are masked later). float32 rows of unit stride are read
-  // in place, others converted.
-  void qk_direct(const float* qf, int nq, const T* k, long j0, int nk, float* s) const {
-    const int D = p.D, D8 = D / 8 * 8;
-    float kr[8][FA_MAX_HEAD_DIM];
-    const float* kp[8];
-    for (int j = 0; j < nk; j += 8) {
-      for (int t = 0; t < 8; ++t) {
-        const T* row = k + (j0 + (j + t < nk ? j + t : j)) * p.k_strides[2];
-        if constexpr (sizeof(T) == sizeof(float))
-          if (p.k_strides[3] == 1) {
-            kp[t] = reinterpret_cast<const float*>(row);
-            continue;
-          }
-        load_row(row, p.k_strides[3], D, 1.0f, kr[t]);
-        kp[t] = kr[t];
-      }
-      for (int r = 0; r < nq; ++r) {
-        const float* q = qf + r * D;
-        vf8 acc[8] = {};
-        for (int d = 0; d < D8; d += 8) {
-          vf8 qv, kv;
-          memcpy(&qv, q + d, sizeof(qv));
-          for (int t = 0; t < 8; ++t) {
-            memcpy(&kv, kp[t] + d, sizeof(kv));
-            acc[t] += qv * kv;
-          }
-        }
-        vf8 sum = lane_sums(acc);
-        for (int d = D8; d < D; ++d)
-          for (int t = 0; t < 8; ++t) sum[t] += q[d] * kp[t][d];
-        memcpy(s + r * BK + j, &sum, sizeof(sum));
-      }
-    }
+    if (vf && nk < BK) memset(vf + nk * dvp, 0, sizeof(float) * size_t(BK - nk) * dvp);
   }
 
   // Online softmax: per row, new max m, rescale factor alpha for the old

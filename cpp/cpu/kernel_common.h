@@ -186,6 +186,16 @@ inline vf16 tanhv(vf16 x) { return tanh_native(x); }
 inline vf16 tanhv(vf16 x) { return {tanh_native(x.lo), tanh_native(x.hi)}; }
 #endif
 
+// The sum of a vector's two 8-float halves.
+inline vf8 fold8(vf16 v) {
+#if defined(__AVX512F__)
+  return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  return v.lo + v.hi;
+#endif
+}
+
 // Horizontal max and sum as trees (4 dependent steps, not 15: they run once
 // per row per block).
 #if defined(__AVX512F__)
@@ -325,6 +335,38 @@ inline void load_row(const T* src, fa_index_t stride, int n, float mul, float* d
   }
 }
 
+// 16 contiguous elements as float32 (load16 for float): the decoding
+// kernels read 16-bit K and V rows in place, converted in registers.
+#if defined(__AVX512F__)
+inline vf16 load16(const bf16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return vf16(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+}
+inline vf16 load16(const f16_t* p) {
+  return vf16(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
+#else
+inline vf16 load16(const bf16_t* p) {
+  typedef uint16_t vu16x8 __attribute__((vector_size(16)));
+  typedef uint32_t vu32x8 __attribute__((vector_size(32)));
+  vu16x8 h[2];
+  memcpy(h, p, sizeof(h));
+  const vu32x8 lo = __builtin_convertvector(h[0], vu32x8) << 16;
+  const vu32x8 hi = __builtin_convertvector(h[1], vu32x8) << 16;
+  return {vf8(lo), vf8(hi)};
+}
+inline vf16 load16(const f16_t* p) {
+#if defined(__F16C__)
+  return {vf8(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))),
+          vf8(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))))};
+#else
+  float x[16];
+  for (int i = 0; i < 16; ++i) x[i] = to_float(p[i]);
+  return load16(x);
+#endif
+}
+#endif
+
 // Prefetches the cache lines of n contiguous elements into L1.
 template <typename T>
 inline void prefetch(const T* src, int n) {
@@ -380,9 +422,10 @@ __attribute__((noinline)) void qk_rows(const float* q, int ldq, const float* kt,
 // O[r][c0 : c0+16*NC] = alpha[r] * O[r][...] + sum_j P[r][j] * V[j][...]
 // (alpha = 1 when null). P[r][j] is at p[r * ldp + j * ldj]: ldj = 1 for P,
 // or ldp = 1 to multiply by the transpose of a row-major block. V's columns
-// come in chunks of 16, vcs floats apart (16 for plain rows).
-template <int R, int NC>
-FA_GEMM void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const float* v,
+// come in chunks of 16, vcs elements apart (16 for plain rows); V of 16-bit
+// elements (decoding, in place) is converted as it is loaded.
+template <int R, int NC, typename TV>
+FA_GEMM void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const TV* v,
                      int ldv, int vcs, int nk, float* o, int ldo) {
   vf16 acc[R][NC];
   for (int r = 0; r < R; ++r)
@@ -403,14 +446,14 @@ FA_GEMM void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const
 // pv_rows over all n columns of V (row stride ldv, column chunks vcs apart)
 // and O (row stride n; n a multiple of 16), in chunks of at most 16 * CHUNK
 // columns to stay in registers.
-template <int R>
-FA_GEMM void pv_block(const float* p, int ldp, int ldj, const float* alpha, const float* v,
+template <int R, typename TV>
+FA_GEMM void pv_block(const float* p, int ldp, int ldj, const float* alpha, const TV* v,
                       int ldv, int vcs, int n, int nk, float* o) {
   int c = 0;
   for (; c + 16 * CHUNK <= n; c += 16 * CHUNK)
     pv_rows<R, CHUNK>(p, ldp, ldj, alpha, v + c / 16 * vcs, ldv, vcs, nk, o + c, n);
   if constexpr (CHUNK > 1) {
-    const float* vc = v + c / 16 * vcs;
+    const TV* vc = v + c / 16 * vcs;
     switch ((n - c) / 16) {
       case 3: pv_rows<R, 3>(p, ldp, ldj, alpha, vc, ldv, vcs, nk, o + c, n); break;
       case 2: pv_rows<R, 2>(p, ldp, ldj, alpha, vc, ldv, vcs, nk, o + c, n); break;
@@ -540,6 +583,51 @@ inline vf8 lane_sums(const vf8 (&a)[8]) {
            __builtin_shufflevector(b[2 * t], b[2 * t + 1], 1, 3, 9, 11, 5, 7, 13, 15);
   return __builtin_shufflevector(c[0], c[1], 0, 1, 2, 3, 8, 9, 10, 11) +
          __builtin_shufflevector(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// S[r][j] = Q[r] . K[j] for R rows and keys [0, nk) (decoding: too few rows
+// to pay for transposing K): dot products with K's rows, read in place
+// (ldk elements apart, converted to float32 as loaded). KG keys per pass
+// over d, so each K vector loaded serves R rows: R x KG accumulators, as
+// many as fit in registers beside the operands (16 zmm with AVX-512, 4
+// vf16 = 8 ymm otherwise). Their sums come out 8 at a time (lane_sums).
+// Columns [nk, round_up(nk, KG)) repeat key nk - 1, for the masks to hide.
+template <int R, typename TK>
+FA_GEMM void qk_keys(const float* q, int ldq, const TK* k, long ldk, int D, int nk, float* s) {
+  constexpr int kAcc = ROWS * CHUNK >= 16 ? 16 : 4;
+  constexpr int KG = kAcc / R > 1 ? kAcc / R : 1;
+  static_assert(BK % KG == 0, "a pass's keys stay in the block");
+  const int D16 = D / 16 * 16;
+  for (int j = 0; j < nk; j += KG) {
+    const TK* kr[KG];
+    for (int t = 0; t < KG; ++t) kr[t] = k + (j + t < nk ? j + t : nk - 1) * ldk;
+    vf16 acc[R][KG];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < KG; ++t) acc[r][t] = vf16{};
+    for (int d = 0; d < D16; d += 16) {
+      vf16 kv[KG];
+      for (int t = 0; t < KG; ++t) kv[t] = load16(kr[t] + d);
+      for (int r = 0; r < R; ++r) {
+        const vf16 qv = load16(q + r * ldq + d);
+        for (int t = 0; t < KG; ++t) acc[r][t] += qv * kv[t];
+      }
+    }
+    float sums[(R * KG + 7) / 8 * 8];
+    for (int g = 0; g < R * KG; g += 8) {
+      vf8 h[8];
+      for (int u = 0; u < 8; ++u) {
+        const int i = g + u < R * KG ? g + u : 0; // a partial group's rest: ignored
+        h[u] = fold8(acc[i / KG][i % KG]);
+      }
+      const vf8 x = lane_sums(h);
+      memcpy(sums + g, &x, sizeof(x));
+    }
+    for (int d = D16; d < D; ++d)
+      for (int r = 0; r < R; ++r)
+        for (int t = 0; t < KG; ++t) sums[r * KG + t] += q[r * ldq + d] * to_float(kr[t][d]);
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < KG; ++t) s[r * BK + j + t] = sums[r * KG + t];
+  }
 }
 
 // ---------------------------------------------------------------------------

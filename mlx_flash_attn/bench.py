@@ -12,7 +12,10 @@ the other peer's spinning threads. Speed-ups are ratios of medians. GFLOP/s coun
 (halved for causal) forward, 3.5x that for forward+backward (the
 backward's five GEMMs on top of the forward's two), beside a GEMM ceiling
 (PyTorch's matmul in float32 or, where faster, the row's 16-bit dtype)
-timed in turns with each row. The full mode ends
+timed in turns with each row. A decoding row reads each key once (a few
+FLOPs per byte), so its ceiling is the roofline: the lower of that GEMM
+ceiling and the row's FLOPs per byte of K and V times the GB/s of PyTorch
+summing as many bytes, also timed in turns (marked m). The full mode ends
 with the peak extra memory of a 32k-token causal call.
 """
 
@@ -140,6 +143,13 @@ def matmul(dtype, n):
     return (lambda: a @ b), 2.0 * n**3
 
 
+def stream_read(nbytes):
+    """A PyTorch sum over nbytes of float32: the rate at which the machine
+    streams that many bytes (from the caches, or memory beyond them)."""
+    x = torch.ones(max(nbytes // 4, 1))
+    return lambda: x.sum()
+
+
 def gemm_ceiling(dtype, max_n=2048):
     """GFLOP/s of a square matmul in PyTorch, its best run: the machine's
     practical ceiling (a median dips with whatever else the machine runs at
@@ -162,7 +172,9 @@ def run_case(cfg, dtype, causal, backward, reps, with_mlx, ceil_dtypes=("float32
     """Times one case: ours, PyTorch's, and a GEMM ceiling per dtype of
     ceil_dtypes (a PyTorch matmul, in turns with them), and MLX's alone;
     returns its FLOP count and name -> (median, min, max) ms, or GFLOP/s
-    for "ceil" (the best of ceil_dtypes' ceilings)."""
+    for "ceil" (the best of ceil_dtypes' ceilings). A decoding case (Lq = 1)
+    also streams as many bytes as its K and V in turns: "stream" is that
+    rate in GB/s, and "ceil" at most its FLOPs per byte times it."""
     name, B, H, Hk, Lq, Lk, D = cfg
     rng = np.random.default_rng(0)
     arrs = [rng.standard_normal(s).astype(np.float32) for s in
@@ -214,10 +226,16 @@ def run_case(cfg, dtype, causal, backward, reps, with_mlx, ceil_dtypes=("float32
         mm_flop = {}
         for dt in ceil_dtypes:
             fns["ceil " + dt], mm_flop[dt] = matmul(getattr(torch, dt), 1536)
+        kv_bytes = k.nbytes + v.nbytes
+        if Lq == 1:
+            fns["stream"] = stream_read(kv_bytes)
     results = timeit(fns, reps, warmup=1 if f > 2e11 else 2)
-    if torch is not None:  # best runs, GFLOP/s
+    if torch is not None:  # best runs, GFLOP/s (GB/s)
         results["ceil"] = max(mm_flop[dt] / results.pop("ceil " + dt)[1] / 1e6
                               for dt in ceil_dtypes)
+        if Lq == 1:
+            results["stream"] = kv_bytes / results["stream"][1] / 1e6
+            results["ceil"] = min(results["ceil"], results["stream"] * f / kv_bytes)
     if with_mlx and f <= MLX_MAX_FLOP:  # 30-100x slower: 2 runs, on its own
         results.update(timeit({"mlx": timed(mlx_sdpa)}, 2, warmup=1, span=0))
     return f, results
@@ -269,7 +287,9 @@ def main(argv=None):
               ceilings.get(dt, 0.0) > ceilings["float32"]]
     print("each row's ceiling: the best run of a 1536^3 matmul in float32 "
           f"{'or the row dtype (' + ', '.join(fast16) + ') ' if fast16 else ''}"
-          "timed in turns with the row, the faster of the two")
+          "timed in turns with the row, the faster of the two; m: a decoding row's "
+          "memory roofline, its FLOPs per byte of K and V x the GB/s of a PyTorch sum "
+          "over as many bytes, timed in turns")
     print(f"times: median ms (max-min spread) over {reps} runs, or as many as span "
           f"{TIMED_S} s (up to {MAX_REPS}), ours and torch in {TURNS} turns; MLX over 2")
     head = (f"{'config':10s} {'pass':7s} {'dtype':8s} {'causal':6s} {'ours ms':>17s} {'mlx ms':>17s} "
@@ -296,10 +316,11 @@ def main(argv=None):
                 speedups.setdefault((peer, ps), []).append(vs[peer])
         gf = f / ours / 1e6
         ceil = r.get("ceil", float("nan"))
+        mark = "m" if "stream" in r else " "
         print(f"{cfg[0]:10s} {ps:7s} {dtype:8s} {str(causal and cfg[4] > 1):6s} "
               f"{fmt_time(r['ours'])} {fmt_time(r.get('mlx'))} {fmt_time(r.get('torch'))} "
               f"{fmt_ratio(vs.get('mlx'), 6, 1)} {fmt_ratio(vs.get('torch'), 7, 2)} "
-              f"{gf:8.1f} {ceil:7.0f} {100 * gf / ceil:6.0f}%", flush=True)
+              f"{gf:8.1f} {ceil:6.0f}{mark} {100 * gf / ceil:6.0f}%", flush=True)
     for (peer, ps), xs in speedups.items():
         g = math.exp(np.mean(np.log(xs)))
         print(f"{ps:7s} geometric-mean speed-up vs {peer}: {g:.2f}x "

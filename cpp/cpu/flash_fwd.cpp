@@ -47,10 +47,10 @@ constexpr int kSubBlocks = 4;
 // Below this many rows a task computes S by dot products (qk_keys).
 constexpr int kFewRows = 8;
 
-// A task whose K and V blocks, converted as they stream by (decoding), take
-// more than this prefetches them (see load_kv): with 1 MiB per task
-// (bfloat16, 2k keys) the prefetches cost 13%, with 2 MiB (float32) they
-// saved 14-22% (one core's L2 holds 512 KiB here).
+// A task whose K and V blocks, read as they stream by (decoding), take
+// more than this prefetches them (see load_kv): at up to 1 MiB per task
+// (1k-2k keys) the prefetches cost 9-11% (2026-12-02, Zen 4: L2 1 MiB per
+// core), with 2 MiB (float32) they saved 14-22% (an earlier machine).
 constexpr size_t kStreamBytes = size_t(1) << 20;
 
 // K^T and V of K/V heads [first, first + n) (index (batch, K/V head), see

@@ -184,7 +184,7 @@ struct Task {
     // block, which would be used by only those rows. K and V are then read
     // in place where their rows are contiguous (V's a multiple of 16 long),
     // converted in registers, else through float32 copies of the block's rows
-    // (copying them all took 2x as long: bfloat16, 4k keys, 2 threads).
+    // (copying them all made decoding 12-64% slower: 4k-32k keys, 2 threads).
     const bool few_rows = nb == 1 && blk[0].nq < kFewRows && !kv.kt;
     const bool k_rows = few_rows && p.k_strides[3] == 1;
     const bool v_rows = few_rows && p.v_strides[3] == 1 && dvp == Dv;
@@ -346,12 +346,11 @@ struct Task {
   // Converts keys [j0, j0 + nk) to float, each where non-null: K transposed
   // (D x BK) into kt or as rows (D apart) into kr, V (BK x dvp) into vf,
   // zero-padded so the fixed-width GEMMs read defined values. With `stream`
-  // (K and V larger than the caches: read from memory, once) it prefetches
-  // the next block's V rows and, unless it transposes K here (the only read
-  // of K), its K rows: the hardware prefetchers alone kept two threads at
-  // 14 GB/s of the 23-32 this machine streams (decoding float32, 4k-32k
-  // keys: 14-20% faster). In the caches the prefetches only cost (bfloat16,
-  // 2k keys: 13% slower).
+  // (K and V larger than the caches: read from memory, once; kStreamBytes)
+  // it prefetches the next block's V rows and, unless it transposes K here
+  // (the only read of K), its K rows: the hardware prefetchers alone kept
+  // two threads at 14 GB/s of the 23-32 an earlier machine streamed
+  // (decoding float32, 4k-32k keys: 14-20% faster).
   void load_kv(const T* k, const T* v, long j0, int nk, bool stream, float* kt, float* kr,
                float* vf, int dvp) const {
     const int D = p.D, Dv = p.Dv;

@@ -173,8 +173,8 @@ def run_case(cfg, dtype, causal, backward, reps, with_mlx, ceil_dtypes=("float32
     ceil_dtypes (a PyTorch matmul, in turns with them), and MLX's alone;
     returns its FLOP count and name -> (median, min, max) ms, or GFLOP/s
     for "ceil" (the best of ceil_dtypes' ceilings). A decoding case (Lq = 1)
-    also streams as many bytes as its K and V in turns: "stream" is that
-    rate in GB/s, and "ceil" at most its FLOPs per byte times it."""
+    also streams as many bytes as its K and V in turns: "mem" is that rate
+    times its FLOPs per byte (GFLOP/s), and "ceil" at most that."""
     name, B, H, Hk, Lq, Lk, D = cfg
     rng = np.random.default_rng(0)
     arrs = [rng.standard_normal(s).astype(np.float32) for s in
@@ -234,8 +234,8 @@ def run_case(cfg, dtype, causal, backward, reps, with_mlx, ceil_dtypes=("float32
         results["ceil"] = max(mm_flop[dt] / results.pop("ceil " + dt)[1] / 1e6
                               for dt in ceil_dtypes)
         if Lq == 1:
-            results["stream"] = kv_bytes / results["stream"][1] / 1e6
-            results["ceil"] = min(results["ceil"], results["stream"] * f / kv_bytes)
+            results["mem"] = f / results.pop("stream")[1] / 1e6
+            results["ceil"] = min(results["ceil"], results["mem"])
     if with_mlx and f <= MLX_MAX_FLOP:  # 30-100x slower: 2 runs, on its own
         results.update(timeit({"mlx": timed(mlx_sdpa)}, 2, warmup=1, span=0))
     return f, results
@@ -316,7 +316,7 @@ def main(argv=None):
                 speedups.setdefault((peer, ps), []).append(vs[peer])
         gf = f / ours / 1e6
         ceil = r.get("ceil", float("nan"))
-        mark = "m" if "stream" in r else " "
+        mark = "m" if r.get("mem") == ceil else " "
         print(f"{cfg[0]:10s} {ps:7s} {dtype:8s} {str(causal and cfg[4] > 1):6s} "
               f"{fmt_time(r['ours'])} {fmt_time(r.get('mlx'))} {fmt_time(r.get('torch'))} "
               f"{fmt_ratio(vs.get('mlx'), 6, 1)} {fmt_ratio(vs.get('torch'), 7, 2)} "

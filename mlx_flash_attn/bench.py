@@ -230,7 +230,7 @@ def run_case(cfg, dtype, causal, backward, reps, with_mlx, ceil_dtypes=("float32
         if Lq == 1:
             fns["stream"] = stream_read(kv_bytes)
     results = timeit(fns, reps, warmup=1 if f > 2e11 else 2)
-    if torch is not None:  # best runs, GFLOP/s (GB/s)
+    if torch is not None:  # best runs, GFLOP/s
         results["ceil"] = max(mm_flop[dt] / results.pop("ceil " + dt)[1] / 1e6
                               for dt in ceil_dtypes)
         if Lq == 1:

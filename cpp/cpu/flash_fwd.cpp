@@ -188,6 +188,18 @@ struct Task {
     const bool few_rows = nb == 1 && blk[0].nq < kFewRows && !kv.kt;
     const bool k_rows = few_rows && p.k_strides[3] == 1;
     const bool v_rows = few_rows && p.v_strides[3] == 1 && dvp == Dv;
+#if defined(FA_BF16_DOT)
+    // bfloat16 K rows in place meet Q's rows as they are (qk_keys_bf16), in
+    // kt, which holds no K here.
+    const bool k_pairs = is_bf16<T> && k_rows;
+    uint16_t* q16 = reinterpret_cast<uint16_t*>(kt);
+    for (int r = 0; k_pairs && r < blk[0].nq; ++r) {
+      const uint16_t* row = static_cast<const uint16_t*>(a.q) + b * p.q_strides[0] +
+                            (h0 + r / blk[0].nqh) * p.q_strides[1] +
+                            (blk[0].i0 + r % blk[0].nqh) * p.q_strides[2];
+      for (int d = 0; d < D; ++d) q16[r * D + d] = row[d * p.q_strides[3]];
+    }
+#endif
     for (long j0 = kbeg; j0 < kend; j0 += BK) {
       const int nk = kend - j0 < BK ? int(kend - j0) : BK;
       // K^T and V: converted once per head beforehand, or per block here.
@@ -222,6 +234,14 @@ struct Task {
             qk_keys<R>(qrows + i * D, D, kb, ldk, D, nk, s + i * BK);
           });
         };
+#if defined(FA_BF16_DOT)
+        if (k_pairs)
+          for_row_blocks(q.nq, [&]<int R>(int i) {
+            const auto* kb = reinterpret_cast<const uint16_t*>(k + j0 * p.k_strides[2]);
+            qk_keys_bf16<R>(q16 + i * D, D, kb, p.k_strides[2], D, nk, p.scale, s + i * BK);
+          });
+        else
+#endif
         if (k_rows)
           scores(k + j0 * p.k_strides[2], p.k_strides[2]);
         else if (few_rows)

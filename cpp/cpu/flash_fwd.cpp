@@ -189,16 +189,18 @@ struct Task {
     const bool k_rows = few_rows && p.k_strides[3] == 1;
     const bool v_rows = few_rows && p.v_strides[3] == 1 && dvp == Dv;
 #if defined(FA_BF16_DOT)
-    // bfloat16 K rows in place meet Q's rows as they are (qk_keys_bf16), in
-    // kt, which holds no K here.
+    // bfloat16 K rows in place meet Q's rows as they are (Bf16Dot), in kt,
+    // which holds no K here.
     const bool k_pairs = is_bf16<T> && k_rows;
-    uint16_t* q16 = reinterpret_cast<uint16_t*>(kt);
+    bf16_t* q16 = reinterpret_cast<bf16_t*>(kt);
     for (int r = 0; k_pairs && r < blk[0].nq; ++r) {
       const uint16_t* row = static_cast<const uint16_t*>(a.q) + b * p.q_strides[0] +
                             (h0 + r / blk[0].nqh) * p.q_strides[1] +
                             (blk[0].i0 + r % blk[0].nqh) * p.q_strides[2];
-      for (int d = 0; d < D; ++d) q16[r * D + d] = row[d * p.q_strides[3]];
+      for (int d = 0; d < D; ++d) q16[r * D + d] = bf16_t{row[d * p.q_strides[3]]};
     }
+#else
+    const bool k_pairs = false;
 #endif
     for (long j0 = kbeg; j0 < kend; j0 += BK) {
       const int nk = kend - j0 < BK ? int(kend - j0) : BK;
@@ -229,23 +231,20 @@ struct Task {
         auto cols = [&](int r, int R, int w, int* c0, int* c1) {
           block_cols(sq, q.i0, q.nqh, j0, nk, r, R, w, c0, c1);
         };
-        auto scores = [&](const auto* kb, long ldk) {
+        auto scores = [&](auto dot, const auto* qb, const auto* kb, long ldk, float scale) {
           for_row_blocks(q.nq, [&]<int R>(int i) {
-            qk_keys<R>(qrows + i * D, D, kb, ldk, D, nk, s + i * BK);
+            qk_keys<R>(dot, qb + i * D, D, kb, ldk, D, nk, scale, s + i * BK);
           });
         };
+        if (k_pairs) {
 #if defined(FA_BF16_DOT)
-        if (k_pairs)
-          for_row_blocks(q.nq, [&]<int R>(int i) {
-            const auto* kb = reinterpret_cast<const uint16_t*>(k + j0 * p.k_strides[2]);
-            qk_keys_bf16<R>(q16 + i * D, D, kb, p.k_strides[2], D, nk, p.scale, s + i * BK);
-          });
-        else
+          if constexpr (is_bf16<T>)
+            scores(Bf16Dot{}, q16, k + j0 * p.k_strides[2], p.k_strides[2], p.scale);
 #endif
-        if (k_rows)
-          scores(k + j0 * p.k_strides[2], p.k_strides[2]);
+        } else if (k_rows)
+          scores(FloatDot{}, qrows, k + j0 * p.k_strides[2], p.k_strides[2], 1.0f);
         else if (few_rows)
-          scores(kt, D);
+          scores(FloatDot{}, qrows, kt, D, 1.0f);
         else
           for_row_blocks(q.nq, [&]<int R>(int i) {
             int c0, c1;

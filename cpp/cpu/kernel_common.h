@@ -593,56 +593,61 @@ inline vf8 lane_sums(const vf8 (&a)[8]) {
          __builtin_shufflevector(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-// sums[r * KG + t] = the lane sum of acc[r][t], 8 at a time (lane_sums).
-template <int R, int KG>
-FA_GEMM void acc_sums(const vf16 (&acc)[R][KG], float* sums) {
-  for (int g = 0; g < R * KG; g += 8) {
-    vf8 h[8];
-    for (int u = 0; u < 8; ++u) {
-      const int i = g + u < R * KG ? g + u : 0; // a partial group's rest: ignored
-      h[u] = fold8(acc[i / KG][i % KG]);
-    }
-    const vf8 x = lane_sums(h);
-    memcpy(sums + g, &x, sizeof(x));
-  }
-}
+// qk_keys's step in float32: 16 elements of a Q row and a K row (of any
+// element type, converted as loaded) per multiply-add. (bf16_gemm.h has the
+// bfloat16 pairs' step.)
+struct FloatDot {
+  static constexpr int kStep = 16;
+  template <typename T>
+  static vf16 load(const T* p) { return load16(p); }
+  static vf16 madd(vf16 acc, vf16 q, vf16 k) { return acc + q * k; }
+};
 
-// S[r][j] = Q[r] . K[j] for R rows and keys [0, nk) (decoding: too few rows
-// to pay for transposing K): dot products with K's rows, read in place
-// (ldk elements apart, converted to float32 as loaded). KG keys per pass
-// over d, so each K vector loaded serves R rows: R x KG accumulators, as
-// many as fit in registers beside the operands (16 zmm with AVX-512, 4
-// vf16 = 8 ymm otherwise). Their sums come out 8 at a time (acc_sums).
-// Columns [nk, round_up(nk, KG)) repeat key nk - 1, for the masks to hide.
-constexpr int kKeyAcc = ROWS * CHUNK >= 16 ? 16 : 4;
-template <int R>
-constexpr int kKeysPerPass = kKeyAcc / R > 1 ? kKeyAcc / R : 1;
-template <int R, typename TK>
-FA_GEMM void qk_keys(const float* q, int ldq, const TK* k, long ldk, int D, int nk, float* s) {
-  constexpr int KG = kKeysPerPass<R>;
+// S[r][j] = scale Q[r] . K[j] for R rows and keys [0, nk) (decoding: too few
+// rows to pay for transposing K): dot products with K's rows, read in place
+// (ldk elements apart), Dot::kStep elements per step (FloatDot, Bf16Dot).
+// KG keys per pass over d, so each K vector loaded serves R rows: R x KG
+// accumulators, as many as fit in registers beside the operands (16 zmm with
+// AVX-512, 4 vf16 = 8 ymm otherwise). Their sums come out 8 at a time
+// (lane_sums). Columns [nk, round_up(nk, KG)) repeat key nk - 1, for the
+// masks to hide.
+template <int R, typename Dot, typename TQ, typename TK>
+FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, int nk, float scale,
+                     float* s) {
+  constexpr int kAcc = ROWS * CHUNK >= 16 ? 16 : 4;
+  constexpr int KG = kAcc / R > 1 ? kAcc / R : 1;
   static_assert(BK % KG == 0, "a pass's keys stay in the block");
-  const int D16 = D / 16 * 16;
+  const int Dn = D / Dot::kStep * Dot::kStep;
   for (int j = 0; j < nk; j += KG) {
     const TK* kr[KG];
     for (int t = 0; t < KG; ++t) kr[t] = k + (j + t < nk ? j + t : nk - 1) * ldk;
     vf16 acc[R][KG];
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < KG; ++t) acc[r][t] = vf16{};
-    for (int d = 0; d < D16; d += 16) {
-      vf16 kv[KG];
-      for (int t = 0; t < KG; ++t) kv[t] = load16(kr[t] + d);
+    for (int d = 0; d < Dn; d += Dot::kStep) {
+      decltype(Dot::load(k)) kv[KG];
+      for (int t = 0; t < KG; ++t) kv[t] = Dot::load(kr[t] + d);
       for (int r = 0; r < R; ++r) {
-        const vf16 qv = load16(q + r * ldq + d);
-        for (int t = 0; t < KG; ++t) acc[r][t] += qv * kv[t];
+        const auto qv = Dot::load(q + r * ldq + d);
+        for (int t = 0; t < KG; ++t) acc[r][t] = Dot::madd(acc[r][t], qv, kv[t]);
       }
     }
     float sums[(R * KG + 7) / 8 * 8];
-    acc_sums(acc, sums);
-    for (int d = D16; d < D; ++d)
+    for (int g = 0; g < R * KG; g += 8) {
+      vf8 h[8];
+      for (int u = 0; u < 8; ++u) {
+        const int i = g + u < R * KG ? g + u : 0; // a partial group's rest: ignored
+        h[u] = fold8(acc[i / KG][i % KG]);
+      }
+      const vf8 x = lane_sums(h);
+      memcpy(sums + g, &x, sizeof(x));
+    }
+    for (int d = Dn; d < D; ++d)
       for (int r = 0; r < R; ++r)
-        for (int t = 0; t < KG; ++t) sums[r * KG + t] += q[r * ldq + d] * to_float(kr[t][d]);
+        for (int t = 0; t < KG; ++t)
+          sums[r * KG + t] += to_float(q[r * ldq + d]) * to_float(kr[t][d]);
     for (int r = 0; r < R; ++r)
-      for (int t = 0; t < KG; ++t) s[r * BK + j + t] = sums[r * KG + t];
+      for (int t = 0; t < KG; ++t) s[r * BK + j + t] = sums[r * KG + t] * scale;
   }
 }
 

@@ -373,6 +373,9 @@ struct Task {
   void load_kv(const T* k, const T* v, long j0, int nk, bool stream, float* kt, float* kr,
                float* vf, int dvp) const {
     const int D = p.D, Dv = p.Dv;
+    // Rows read in place, from the caches: nothing to do (this loop's checks
+    // alone made 1k-key decoding 4-14% slower).
+    if (!stream && !kt && !kr && !vf) return;
     float row[FA_MAX_HEAD_DIM];
     for (int j = 0; j < nk; ++j) {
       const long next = j0 + BK + j;

@@ -199,8 +199,12 @@ struct Task {
                             (blk[0].i0 + r % blk[0].nqh) * p.q_strides[2];
       for (int d = 0; d < D; ++d) q16[r * D + d] = bf16_t{row[d * p.q_strides[3]]};
     }
+    // V's rows in place meet P rounded to bfloat16 (p16, in vf), as in
+    // Bf16Task (pv_pairs).
+    const bool v_pairs = is_bf16<T> && v_rows;
+    uint16_t* p16 = reinterpret_cast<uint16_t*>(vf);
 #else
-    const bool k_pairs = false;
+    const bool k_pairs = false, v_pairs = false;
 #endif
     for (long j0 = kbeg; j0 < kend; j0 += BK) {
       const int nk = kend - j0 < BK ? int(kend - j0) : BK;
@@ -261,12 +265,27 @@ struct Task {
                         c1 - c0, ob + i * dvp);
           });
         };
-        if (v_rows)
+        if (v_pairs) {
+#if defined(FA_BF16_DOT)
+          const uint16_t* vr = reinterpret_cast<const uint16_t*>(v + j0 * p.v_strides[2]);
+          for (int r = 0; r < q.nq; ++r) to_bf16(s + r * BK, BK, p16 + r * BK);
+          for_row_blocks(q.nq, [&]<int R>(int i) {
+            int c0, c1;
+            cols(i, R, 2, &c0, &c1);
+            pv_pairs_cols<R>(p16 + i * BK + c0, BK, alpha + q.r0 + i,
+                             vr + c0 * p.v_strides[2], p.v_strides[2], (c1 < nk ? c1 : nk) - c0,
+                             ob + i * dvp, dvp);
+          });
+#endif
+        } else if (v_rows)
           values(v + j0 * p.v_strides[2], int(p.v_strides[2]), 16);
         else
           values(vb, ldv, vcs);
       }
     }
+#if defined(FA_BF16_DOT)
+    for (int r = 0; v_pairs && r < blk[0].nq; ++r) from_pair_order(o + r * dvp, dvp);
+#endif
     if (split.n == 1) {
       for (int t = 0; t < nb; ++t) {
         const QBlock& q = blk[t];

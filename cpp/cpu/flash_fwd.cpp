@@ -235,20 +235,23 @@ struct Task {
         auto cols = [&](int r, int R, int w, int* c0, int* c1) {
           block_cols(sq, q.i0, q.nqh, j0, nk, r, R, w, c0, c1);
         };
-        auto scores = [&](auto dot, const auto* qb, const auto* kb, long ldk, float scale) {
+        // K's rows in place (kb) and those of the next block (streamed).
+        const long ldk = p.k_strides[2];
+        const int npf = stream ? int(p.Lk - j0 - BK < BK ? p.Lk - j0 - BK : BK) : 0;
+        auto scores = [&](auto dot, const auto* qb, const auto* kb, long ld, float scale, int np) {
           for_row_blocks(q.nq, [&]<int R>(int i) {
-            qk_keys<R>(dot, qb + i * D, D, kb, ldk, D, nk, scale, s + i * BK);
+            qk_keys<R>(dot, qb + i * D, D, kb, ld, D, nk, scale, s + i * BK, kb + BK * ld,
+                       i == 0 ? np : 0);
           });
         };
         if (k_pairs) {
 #if defined(FA_BF16_DOT)
-          if constexpr (is_bf16<T>)
-            scores(Bf16Dot{}, q16, k + j0 * p.k_strides[2], p.k_strides[2], p.scale);
+          if constexpr (is_bf16<T>) scores(Bf16Dot{}, q16, k + j0 * ldk, ldk, p.scale, npf);
 #endif
         } else if (k_rows)
-          scores(FloatDot{}, qrows, k + j0 * p.k_strides[2], p.k_strides[2], 1.0f);
+          scores(FloatDot{}, qrows, k + j0 * ldk, ldk, 1.0f, npf);
         else if (few_rows)
-          scores(FloatDot{}, qrows, kt, D, 1.0f);
+          scores(FloatDot{}, qrows, kt, D, 1.0f, 0);
         else
           for_row_blocks(q.nq, [&]<int R>(int i) {
             int c0, c1;
@@ -385,10 +388,10 @@ struct Task {
   // (D x BK) into kt or as rows (D apart) into kr, V (BK x dvp) into vf,
   // zero-padded so the fixed-width GEMMs read defined values. With `stream`
   // (K and V larger than the caches: read from memory, once; kStreamBytes)
-  // it prefetches the next block's V rows and, unless it transposes K here
-  // (the only read of K), its K rows: the hardware prefetchers alone kept
-  // two threads at 14 GB/s of the 23-32 an earlier machine streamed
-  // (decoding float32, 4k-32k keys: 14-20% faster).
+  // it prefetches the next block's V rows (its K rows, read in place, are
+  // qk_keys's): the hardware prefetchers alone kept two threads at 14 GB/s
+  // of the 23-32 an earlier machine streamed (decoding float32, 4k-32k
+  // keys: 14-20% faster).
   void load_kv(const T* k, const T* v, long j0, int nk, bool stream, float* kt, float* kr,
                float* vf, int dvp) const {
     const int D = p.D, Dv = p.Dv;
@@ -398,10 +401,7 @@ struct Task {
     float row[FA_MAX_HEAD_DIM];
     for (int j = 0; j < nk; ++j) {
       const long next = j0 + BK + j;
-      if (stream && next < p.Lk) {
-        if (!kt && p.k_strides[3] == 1) prefetch(k + next * p.k_strides[2], D);
-        if (p.v_strides[3] == 1) prefetch(v + next * p.v_strides[2], Dv);
-      }
+      if (stream && next < p.Lk && p.v_strides[3] == 1) prefetch(v + next * p.v_strides[2], Dv);
       if (kt) {
         load_row(k + (j0 + j) * p.k_strides[2], p.k_strides[3], D, 1.0f, row);
         for (int d = 0; d < D; ++d) kt[d * BK + j] = row[d];

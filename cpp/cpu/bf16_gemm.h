@@ -325,11 +325,12 @@ struct Bf16Dot {
 // Decoding's O = alpha O + P V on bfloat16 pairs, V's rows read in place
 // (ldv apart): the rows of each key pair interleaved in registers
 // (VPUNPCKLWD/HWD), half the multiply-adds of float32 P V (1k-32k keys,
-// 1-2 threads: 8-19% faster; packing V's block first was 0-5%). Interleaving
-// within 128-bit lanes leaves each 32 columns of O in pair order (columns
-// 0-3, 8-11, 16-19, 24-27, then 4-7, 12-15, ...; from_pair_order restores
-// them); a last 16 columns (NC odd) stay in order. P: R rows of bfloat16
-// (ldp apart) over keys [0, nk); an odd last key pairs with zeros.
+// 1-2 threads: 8-19% faster; packing V's block into pairs first gained at
+// most 5%, and lost as much at 16k keys). Interleaving within 128-bit
+// lanes leaves each 32 columns of O in pair order (columns 0-3, 8-11,
+// 16-19, 24-27, then 4-7, 12-15, ...; from_pair_order restores them); a
+// last 16 columns (NC odd) stay in order. P: R rows of bfloat16 (ldp
+// apart) over keys [0, nk); an odd last key pairs with zeros.
 template <int R, int NC>
 FA_GEMM void pv_pairs(const uint16_t* p, int ldp, const float* alpha, const uint16_t* v,
                       long ldv, int nk, float* o, int ldo) {

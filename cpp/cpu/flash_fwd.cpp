@@ -240,8 +240,8 @@ struct Task {
         const int npf = stream ? int(p.Lk - j0 - BK < BK ? p.Lk - j0 - BK : BK) : 0;
         auto scores = [&](auto dot, const auto* qb, const auto* kb, long ld, float scale, int np) {
           for_row_blocks(q.nq, [&]<int R>(int i) {
-            qk_keys<R>(dot, qb + i * D, D, kb, ld, D, nk, scale, s + i * BK, kb + BK * ld,
-                       i == 0 ? np : 0);
+            qk_keys<R>(dot, qb + i * D, D, kb, ld, D, nk, scale, s + i * BK,
+                       np ? kb + BK * ld : nullptr, i == 0 ? np : 0);
           });
         };
         if (k_pairs) {

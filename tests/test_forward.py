@@ -237,9 +237,9 @@ def test_non_contiguous_inputs(rng, dtype, v_cols):
         assert_close(out, ref, dtype)
 
 
-# Fewer than 8 query rows per task (decoding) take S from dot products with
-# a few rows of K at a time: head dims that are not a multiple of 16 leave
-# a tail, key counts a partial group. K rows of unit stride are read in
+# Decoding tasks (one query block) take S from dot products with a few
+# rows of K at a time: head dims that are not a multiple of 16 leave a
+# tail, key counts a partial group. K rows of unit stride are read in
 # place (16-bit ones converted in registers), strided ones copied first; V
 # rows in place where D is a multiple of 16 (48: three 16-column chunks).
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -256,6 +256,15 @@ def test_few_rows_odd_head_dims(rng, dtype, D, Lq, strided):
         out = fa.attention(q, k, v, causal=causal)
         ref, _ = reference(q, k, v, causal=causal)
         assert_close(out, ref, dtype)
+
+
+# A whole query block decoded (2 query heads x 32 rows = 64 rows per task,
+# K and V read as they stream by), at a head dim whose V block is smaller
+# than its P block.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_decoding_a_whole_query_block(rng, dtype, causal):
+    run_and_check(rng, dtype, B=1, Hq=4, Hk=2, Lq=32, Lk=301, D=16, causal=causal)
 
 
 def test_matches_mlx_fast_sdpa(rng):

@@ -44,9 +44,6 @@ inline int heads_per_task(const FlashParams& p) {
 // 4 blocks 5-15% faster than 1).
 constexpr int kSubBlocks = 4;
 
-// Below this many rows a task computes S by dot products (qk_keys).
-constexpr int kFewRows = 8;
-
 // A task whose K and V blocks, read as they stream by (decoding), take
 // more than this prefetches them (see load_kv): at up to 1 MiB per task
 // (1k-2k keys) the prefetches cost 9-11% (2026-12-02, Zen 4: L2 1 MiB per
@@ -154,12 +151,13 @@ struct Task {
     }
 
     // Q (scaled), O accumulator, m, l (a vector of partial sums per row) and
-    // alpha per query block; the K^T and V block; one S/P block.
+    // alpha per query block; decoding's K and V blocks as float32 rows where
+    // they are not read in place; one S/P block, and P as bfloat16 (pb).
     const size_t rows = size_t(nb) * BQ;
-    float *qf, *kt, *vf, *s, *o, *m, *l, *alpha;
-    carve_scratch({{&qf, rows * D}, {&kt, size_t(D) * BK}, {&vf, size_t(BK) * dvp},
+    float *qf, *kr, *vf, *s, *o, *m, *l, *alpha, *pb;
+    carve_scratch({{&qf, rows * D}, {&kr, size_t(D) * BK}, {&vf, size_t(BK) * dvp},
                    {&s, size_t(BQ) * BK}, {&o, rows * dvp}, {&m, rows}, {&l, rows * 16},
-                   {&alpha, rows}});
+                   {&alpha, rows}, {&pb, size_t(BQ) * BK / 2}});
 
     for (size_t i = 0; i < rows; ++i) {
       m[i] = -INFINITY;
@@ -180,41 +178,42 @@ struct Task {
     }
 
     const bool stream = size_t(kend - kbeg) * (D + Dv) * sizeof(T) > kStreamBytes;
-    // Few rows (decoding): dot products with K's rows beat transposing the
-    // block, which would be used by only those rows. K and V are then read
-    // in place where their rows are contiguous (V's a multiple of 16 long),
-    // converted in registers, else through float32 copies of the block's rows
-    // (copying them all made decoding 12-64% slower: 4k-32k keys, 2 threads).
-    const bool few_rows = nb == 1 && blk[0].nq < kFewRows && !kv.kt;
-    const bool k_rows = few_rows && p.k_strides[3] == 1;
-    const bool v_rows = few_rows && p.v_strides[3] == 1 && dvp == Dv;
+    // Decoding (one query block, K and V not converted beforehand): S from
+    // dot products with K's rows (qk_keys), not a transpose of each block
+    // (which took 1.1-3.2x as long for 8-64 rows: 4k keys, 2 threads). K
+    // and V are read in place where their rows are contiguous (V's a
+    // multiple of 16 long), converted in registers, else through float32
+    // copies of the block's rows (copying them all made decoding 12-64%
+    // slower: 4k-32k keys, 2 threads).
+    const bool decoding = !kv.kt;
+    const bool k_rows = decoding && p.k_strides[3] == 1;
+    const bool v_rows = decoding && p.v_strides[3] == 1 && dvp == Dv;
 #if defined(FA_BF16_DOT)
-    // bfloat16 K rows in place meet Q's rows as they are (Bf16Dot), in kt,
+    // bfloat16 K rows in place meet Q's rows as they are (Bf16Dot), in kr,
     // which holds no K here.
     const bool k_pairs = is_bf16<T> && k_rows;
-    bf16_t* q16 = reinterpret_cast<bf16_t*>(kt);
+    bf16_t* q16 = reinterpret_cast<bf16_t*>(kr);
     for (int r = 0; k_pairs && r < blk[0].nq; ++r) {
       const uint16_t* row = static_cast<const uint16_t*>(a.q) + b * p.q_strides[0] +
                             (h0 + r / blk[0].nqh) * p.q_strides[1] +
                             (blk[0].i0 + r % blk[0].nqh) * p.q_strides[2];
       for (int d = 0; d < D; ++d) q16[r * D + d] = bf16_t{row[d * p.q_strides[3]]};
     }
-    // V's rows in place meet P rounded to bfloat16 (p16, in vf), as in
-    // Bf16Task (pv_pairs).
+    // V's rows in place meet P rounded to bfloat16 (p16), as in Bf16Task
+    // (pv_pairs).
     const bool v_pairs = is_bf16<T> && v_rows;
-    uint16_t* p16 = reinterpret_cast<uint16_t*>(vf);
+    uint16_t* p16 = reinterpret_cast<uint16_t*>(pb);
 #else
     const bool k_pairs = false, v_pairs = false;
 #endif
     for (long j0 = kbeg; j0 < kend; j0 += BK) {
       const int nk = kend - j0 < BK ? int(kend - j0) : BK;
-      // K^T and V: converted once per head beforehand, or per block here.
-      const float *ktb = kt, *vb = vf;
-      int kw = BK, ldv = dvp, vcs = 16; // kw: K^T's panel width
+      // K^T and V: converted once per head beforehand, or read per block here.
+      const float *ktb = nullptr, *vb = vf;
+      int ldv = dvp, vcs = 16;
       if (kv.kt) {
         const size_t slot = size_t(p.packed ? 0 : b) * p.Hk + hk - kv.first;
-        kw = 16;
-        ktb = transposed_at(kv.kt + slot * kv.lkp * D, j0, kw, D);
+        ktb = transposed_at(kv.kt + slot * kv.lkp * D, j0, 16, D);
         if (kv.v) {
           vb = kv.v + slot * kv.lkp * dvp + j0 * 16;
           ldv = 16;
@@ -224,8 +223,7 @@ struct Task {
           ldv = int(p.v_strides[2]);
         }
       } else {
-        load_kv(k, v, j0, nk, stream, few_rows ? nullptr : kt, few_rows && !k_rows ? kt : nullptr,
-                v_rows ? nullptr : vf, dvp);
+        load_kv(k, v, j0, nk, stream, k_rows ? nullptr : kr, v_rows ? nullptr : vf, dvp);
       }
       for (int t = 0; t < nb; ++t) {
         const QBlock& q = blk[t];
@@ -250,13 +248,13 @@ struct Task {
 #endif
         } else if (k_rows)
           scores(FloatDot{}, qrows, k + j0 * ldk, ldk, 1.0f, npf);
-        else if (few_rows)
-          scores(FloatDot{}, qrows, kt, D, 1.0f, 0);
+        else if (decoding)
+          scores(FloatDot{}, qrows, kr, D, 1.0f, 0);
         else
           for_row_blocks(q.nq, [&]<int R>(int i) {
             int c0, c1;
             cols(i, R, 16 * CHUNK, &c0, &c1);
-            qk_rows<R>(qrows + i * D, D, ktb, kw, D, s + i * BK, c0, c1);
+            qk_rows<R>(qrows + i * D, D, ktb, 16, D, s + i * BK, c0, c1);
           });
         probabilities(b, sq, h0, q.nqh, q.i0, q.nq, j0, nk, s, m + q.r0, l + q.r0 * 16,
                       alpha + q.r0, POverS{s});
@@ -384,37 +382,29 @@ struct Task {
     }
   }
 
-  // Converts keys [j0, j0 + nk) to float, each where non-null: K transposed
-  // (D x BK) into kt or as rows (D apart) into kr, V (BK x dvp) into vf,
-  // zero-padded so the fixed-width GEMMs read defined values. With `stream`
+  // Converts keys [j0, j0 + nk) to float, each where non-null: K's rows (D
+  // apart) into kr, V (BK x dvp) into vf, zero-padded so the fixed-width
+  // GEMM reads defined values. With `stream`
   // (K and V larger than the caches: read from memory, once; kStreamBytes)
   // it prefetches the next block's V rows (its K rows, read in place, are
   // qk_keys's): the hardware prefetchers alone kept two threads at 14 GB/s
   // of the 23-32 an earlier machine streamed (decoding float32, 4k-32k
   // keys: 14-20% faster).
-  void load_kv(const T* k, const T* v, long j0, int nk, bool stream, float* kt, float* kr,
-               float* vf, int dvp) const {
+  void load_kv(const T* k, const T* v, long j0, int nk, bool stream, float* kr, float* vf,
+               int dvp) const {
     const int D = p.D, Dv = p.Dv;
     // Rows read in place, from the caches: nothing to do (this loop's checks
     // alone made 1k-key decoding 4-14% slower).
-    if (!stream && !kt && !kr && !vf) return;
-    float row[FA_MAX_HEAD_DIM];
+    if (!stream && !kr && !vf) return;
     for (int j = 0; j < nk; ++j) {
       const long next = j0 + BK + j;
       if (stream && next < p.Lk && p.v_strides[3] == 1) prefetch(v + next * p.v_strides[2], Dv);
-      if (kt) {
-        load_row(k + (j0 + j) * p.k_strides[2], p.k_strides[3], D, 1.0f, row);
-        for (int d = 0; d < D; ++d) kt[d * BK + j] = row[d];
-      }
       if (kr) load_row(k + (j0 + j) * p.k_strides[2], p.k_strides[3], D, 1.0f, kr + j * D);
       if (vf) {
         load_row(v + (j0 + j) * p.v_strides[2], p.v_strides[3], Dv, 1.0f, vf + j * dvp);
         for (int d = Dv; d < dvp; ++d) vf[j * dvp + d] = 0.0f;
       }
     }
-    if (kt)
-      for (int d = 0; d < D; ++d)
-        for (int j = nk; j < BK; ++j) kt[d * BK + j] = 0.0f;
     if (vf && nk < BK) memset(vf + nk * dvp, 0, sizeof(float) * size_t(BK - nk) * dvp);
   }
 

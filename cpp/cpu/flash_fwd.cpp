@@ -382,14 +382,13 @@ struct Task {
     }
   }
 
-  // Converts keys [j0, j0 + nk) to float, each where non-null: K's rows (D
-  // apart) into kr, V (BK x dvp) into vf, zero-padded so the fixed-width
-  // GEMM reads defined values. With `stream`
-  // (K and V larger than the caches: read from memory, once; kStreamBytes)
-  // it prefetches the next block's V rows (its K rows, read in place, are
-  // qk_keys's): the hardware prefetchers alone kept two threads at 14 GB/s
-  // of the 23-32 an earlier machine streamed (decoding float32, 4k-32k
-  // keys: 14-20% faster).
+  // Decoding: converts keys [j0, j0 + nk) to float, each where non-null:
+  // K's rows (D apart) into kr, V (BK x dvp) into vf, zero-padded so the
+  // fixed-width GEMM reads defined values. With `stream` (K and V larger
+  // than the caches: read from memory, once; kStreamBytes) it prefetches
+  // the next block's V rows (its K rows, read in place, are qk_keys's): the
+  // hardware prefetchers alone kept two threads at 14 GB/s of the 23-32 an
+  // earlier machine streamed (decoding float32, 4k-32k keys: 14-20% faster).
   void load_kv(const T* k, const T* v, long j0, int nk, bool stream, float* kr, float* vf,
                int dvp) const {
     const int D = p.D, Dv = p.Dv;

@@ -23,6 +23,11 @@
 
 #include "flash_cpu.h"
 
+#if defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace flash_cpu {
 namespace va {
 void forward(const ForwardArgs&);
@@ -88,6 +93,12 @@ int main(int argc, char** argv) {
   const int causal = atoi(argv[5]), dt = atoi(argv[6]), iters = atoi(argv[7]);
   const int bwd = argc > 8 && atoi(argv[8]);
   threads = argc > 9 ? atoi(argv[9]) : 1;
+#if defined(__x86_64__)
+  // AMX builds (FA_FLAGS with -mamx-tile) need the tile state, which Linux
+  // grants on request (ARCH_REQ_XCOMP_PERM, XTILEDATA); elsewhere it fails
+  // harmlessly.
+  syscall(SYS_arch_prctl, 0x1023, 18);
+#endif
   const int Hk = argc > 10 ? atoi(argv[10]) : H, Lq = argc > 11 ? atoi(argv[11]) : L;
   FlashParams p{};
   p.B = B;

@@ -159,8 +159,8 @@ inline void pack_row_pairs(const uint16_t* x, long n, int d, fa_index_t rs, fa_i
 // gemm_ab_add: C (nr x nc, row stride ldc) = alpha[r] C + A B (alpha null:
 //   1), A (nr x 64 bf16, row stride 64), B the 64 rows from row i0 (even)
 //   of a row-pairs pack of n columns (n a multiple of 16), over its first
-//   nc columns (a multiple of 16). tmp: round_up(nr, 32) x n floats of
-//   scratch (tiles store A B there).
+//   nc columns (a multiple of 16). tmp: 32 x nc floats of scratch (tiles
+//   take a last partial 32 rows of C there).
 // Each may be told, by span(r, R, &k0, &k1), which keys rows [r, r + R)
 // see: the columns of S in chunks of 16, the inner rows of P V in pairs.
 // The vector build then skips the others (S there is set to 0, the masks
@@ -172,69 +172,85 @@ struct AllKeys {
   }
 };
 #if defined(__AMX_BF16__)
-template <typename Span = AllKeys>
-inline void gemm_abt(const uint16_t* a, int nr, int lda, int kd, const uint16_t* bt, int np,
-                     long j0, float scale, float* c, Span = {}) {
-  const int rows = round_up(nr, 32);
-  static_assert(BK == 64, "gemm_abt makes 64-column blocks");
-  for (int r = 0; r < rows; r += 2 * kTile)
-    for (int col = 0; col < BK; col += 2 * kTile) {
+// 32 rows of C (row stride ldc) = A B, or C + A B (kAdd: C loaded into the
+// accumulators), over nc columns (a multiple of 16) and kd inner elements
+// (a multiple of 32). A: 32 plain rows, lda apart; B: words of row pairs,
+// pair r's at b + 2 r ldb. Per 32 columns, four accumulators (two row by two
+// column tiles) take each step's dot products: they do not wait on one
+// another (one accumulator taking two steps in a row waited on itself: P V
+// of a 64 x 64 block with D = 64 spent ~20% of a bfloat16 call there).
+template <bool kAdd>
+inline void tiles_32_rows(const uint16_t* a, int lda, int kd, const uint16_t* b, long ldb, int nc,
+                          float* c, int ldc) {
+  for (int col = 0; col < nc; col += 2 * kTile) {
+    const bool two = col + kTile < nc; // else one column tile: 0 and 2
+    if (kAdd) {
+      _tile_loadd(0, c + col, ldc * 4);
+      _tile_loadd(2, c + kTile * ldc + col, ldc * 4);
+      if (two) {
+        _tile_loadd(1, c + col + kTile, ldc * 4);
+        _tile_loadd(3, c + kTile * ldc + col + kTile, ldc * 4);
+      }
+    } else {
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      for (int d = 0; d < kd; d += 32) {
-        _tile_loadd(4, a + size_t(r) * lda + d, lda * 2);
-        _tile_loadd(5, a + size_t(r + kTile) * lda + d, lda * 2);
-        const uint16_t* b = bt + (size_t(d / 2) * np + j0 + col) * 2;
-        _tile_loadd(6, b, np * 4);
-        _tile_loadd(7, b + 2 * kTile, np * 4);
-        _tile_dpbf16ps(0, 4, 6);
+    }
+    for (int d = 0; d < kd; d += 32) {
+      _tile_loadd(4, a + d, lda * 2);
+      _tile_loadd(5, a + size_t(kTile) * lda + d, lda * 2);
+      const uint16_t* bp = b + (size_t(d / 2) * ldb + col) * 2;
+      _tile_loadd(6, bp, ldb * 4);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(2, 5, 6);
+      if (two) {
+        _tile_loadd(7, bp + 2 * kTile, ldb * 4);
         _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
       }
-      _tile_stored(0, c + r * BK + col, BK * 4);
-      _tile_stored(1, c + r * BK + col + kTile, BK * 4);
-      _tile_stored(2, c + (r + kTile) * BK + col, BK * 4);
-      _tile_stored(3, c + (r + kTile) * BK + col + kTile, BK * 4);
     }
-  if (scale != 1.0f)
-    for (int i = 0; i < nr * BK; i += 16) store16(c + i, load16(c + i) * scale);
-}
-
-// gemm_ab_add's A B into c (row stride n), rows a multiple of 32; the 64
-// inner rows are two steps of 32.
-inline void amx_ab(const uint16_t* a, int rows, const uint16_t* b, int n, long i0, float* c) {
-  for (int r = 0; r < rows; r += 2 * kTile) {
-    _tile_loadd(2, a + r * BK, BK * 2);
-    _tile_loadd(3, a + r * BK + 32, BK * 2);
-    _tile_loadd(4, a + (r + kTile) * BK, BK * 2);
-    _tile_loadd(5, a + (r + kTile) * BK + 32, BK * 2);
-    for (int col = 0; col < n; col += kTile) {
-      _tile_zero(0);
-      _tile_zero(1);
-      const uint16_t* bp = b + (size_t(i0 / 2) * n + col) * 2;
-      _tile_loadd(6, bp, n * 4);
-      _tile_loadd(7, bp + size_t(kTile) * n * 2, n * 4);
-      _tile_dpbf16ps(0, 2, 6);
-      _tile_dpbf16ps(0, 3, 7);
-      _tile_dpbf16ps(1, 4, 6);
-      _tile_dpbf16ps(1, 5, 7);
-      _tile_stored(0, c + size_t(r) * n + col, n * 4);
-      _tile_stored(1, c + size_t(r + kTile) * n + col, n * 4);
+    _tile_stored(0, c + col, ldc * 4);
+    _tile_stored(2, c + kTile * ldc + col, ldc * 4);
+    if (two) {
+      _tile_stored(1, c + col + kTile, ldc * 4);
+      _tile_stored(3, c + kTile * ldc + col + kTile, ldc * 4);
     }
   }
 }
 
 template <typename Span = AllKeys>
+inline void gemm_abt(const uint16_t* a, int nr, int lda, int kd, const uint16_t* bt, int np,
+                     long j0, float scale, float* c, Span = {}) {
+  static_assert(BK == 64, "gemm_abt makes 64-column blocks");
+  for (int r = 0; r < nr; r += 2 * kTile)
+    tiles_32_rows<false>(a + size_t(r) * lda, lda, kd, bt + j0 * 2, np, BK, c + r * BK, BK);
+  if (scale != 1.0f)
+    for (int i = 0; i < nr * BK; i += 16) store16(c + i, load16(c + i) * scale);
+}
+
+// C is scaled by alpha in place (rows whose alpha is 1, most once the
+// maxima settle, are left alone), then the tiles add A B to it: no pass
+// over a scratch copy of A B. Only a last partial 32 rows go through tmp,
+// where tile rows past nr would overrun C.
+template <typename Span = AllKeys>
 inline void gemm_ab_add(const uint16_t* a, int nr, const uint16_t* b, int n, long i0, int nc,
                         const float* alpha, float* c, int ldc, float* tmp, Span = {}) {
-  amx_ab(a, round_up(nr, 32), b, n, i0, tmp);
-  for (int r = 0; r < nr; ++r) {
-    const vf16 al = splat(alpha ? alpha[r] : 1.0f);
-    for (int d = 0; d < nc; d += 16)
-      store16(c + r * ldc + d, load16(c + r * ldc + d) * al + load16(tmp + r * n + d));
+  for (int r = 0; r < nr; r += 2 * kTile) {
+    const int rn = nr - r < 2 * kTile ? nr - r : 2 * kTile;
+    for (int i = r; i < r + rn && alpha; ++i)
+      if (alpha[i] != 1.0f)
+        for (int d = 0; d < nc; d += 16) store16(c + i * ldc + d, load16(c + i * ldc + d) * alpha[i]);
+    const uint16_t* ar = a + r * BK;
+    const uint16_t* bp = b + i0 * n;
+    if (rn == 2 * kTile) {
+      tiles_32_rows<true>(ar, BK, BK, bp, n, nc, c + size_t(r) * ldc, ldc);
+      continue;
+    }
+    for (int i = 0; i < 2 * kTile; ++i)
+      for (int d = 0; d < nc; d += 16) store16(tmp + i * nc + d, i < rn ? load16(c + (r + i) * ldc + d) : vf16{});
+    tiles_32_rows<true>(ar, BK, BK, bp, n, nc, tmp, nc);
+    for (int i = 0; i < rn; ++i) memcpy(c + (r + i) * ldc, tmp + i * nc, sizeof(float) * nc);
   }
 }
 

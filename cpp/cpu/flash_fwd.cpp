@@ -350,13 +350,16 @@ struct Task {
     }
   }
 
-  // S (scaled scores of rows h0 + r / nqh, i0 + r % nqh and keys [j0, j0 +
-  // nk)) -> P, put by emit (softmax_update): score modifiers, the online
-  // softmax update, then dropout (after the running sum: l normalises the
-  // undropped softmax; it needs P over S).
+  // S (scores of rows h0 + r / nqh, i0 + r % nqh and keys [j0, j0 + nk),
+  // scaled, or still to be scaled by `raw`) -> P, put by emit
+  // (softmax_update): score modifiers, the online softmax update, then
+  // dropout (after the running sum: l normalises the undropped softmax; it
+  // needs P over S). A plain block takes `raw` in the softmax's own
+  // multiply-add, other blocks in a pass before their modifiers.
   template <typename Emit>
   void probabilities(int b, const Seq& sq, int h0, int nqh, long i0, int nq, long j0, int nk,
-                     float* s, float* m, float* l, float* alpha, const Emit& emit) const {
+                     float* s, float* m, float* l, float* alpha, const Emit& emit,
+                     float raw = 1.0f) const {
     // A whole block that all rows see, without modifiers, needs none of
     // the per-row work below (most blocks of most calls).
     long beg, end;
@@ -366,10 +369,12 @@ struct Task {
     for (int r = 0; r < nq && !plain; ++r) {
       const int h = h0 + r / nqh;
       const float slope = p.has_alibi ? per_head(a.alibi, p.alibi_strides, b, h) : 0.0f;
+      if (raw != 1.0f)
+        for (int c = 0; c < BK; c += 16) store16(s + r * BK + c, load16(s + r * BK + c) * raw);
       if (p.softcap > 0.0f) apply_softcap(p, s + r * BK, nk);
       apply_bias_and_mask(p, sq, a.mask, b, h, i0 + r % nqh, j0, nk, slope, s + r * BK);
     }
-    softmax_update(nq, s, m, l, alpha, emit);
+    softmax_update(nq, s, m, l, alpha, emit, plain ? raw : 1.0f);
     if (p.dropout_p > 0.0f)
       for (int r = 0; r < nq; ++r) dropout_row(p, b, h0 + r / nqh, i0 + r % nqh, j0, nk, s + r * BK);
   }
@@ -412,21 +417,23 @@ struct Task {
   // partial sums per row (reduced once, in finish). The maxima come first,
   // so the alphas take one vector exp2 per 16 rows, not a serial one per row.
   // emit(i, c, e0, e1) puts P[i][c, c + 32) (POverS: over S; the bfloat16
-  // forward rounds it into its GEMM operand instead).
+  // forward rounds it into its GEMM operand instead). S is scaled by raw
+  // (> 0) here, in the maxima and the exponent's multiply-add.
   template <typename Emit>
-  void softmax_update(int nq, float* s, float* m, float* l, float* alpha, const Emit& emit) const {
+  void softmax_update(int nq, float* s, float* m, float* l, float* alpha, const Emit& emit,
+                      float raw) const {
     for (int i = 0; i < nq; ++i) {
       const float* row = s + i * BK;
       vf16 mv = load16(row);
       for (int c = 16; c < BK; c += 16) mv = vmax(mv, load16(row + c));
-      const float mx = hmax(mv);
+      const float mx = hmax(mv) * raw;
       const float m_new = mx > m[i] ? mx : m[i];
       alpha[i] = m_new == -INFINITY ? 0.0f : (m[i] - m_new) * kLog2e; // exp2: 1 or 0 from -inf
       m[i] = m_new;
     }
     for (int i = 0; i < nq; i += 16) // the alpha buffer holds BQ: a partial tail is harmless
       store16(alpha + i, exp2v(load16(alpha + i)));
-    const vf16 l2e = splat(kLog2e);
+    const vf16 l2e = splat(kLog2e * raw);
     for (int i = 0; i < nq; ++i) {
       const float* row = s + i * BK;
       if (m[i] == -INFINITY) { // nothing visible yet: P = 0, O stays 0
@@ -506,7 +513,7 @@ struct Bf16Task {
     visible_keys(p, sq, i0, i0 + nqh, &kbeg, &kend);
 
     float *qraw, *s, *o, *pv, *m, *l, *alpha, *praw;
-    carve_scratch({{&qraw, size_t(BQ) * dp / 2}, {&s, size_t(BQ) * BK}, {&o, size_t(BQ) * dvp},
+    carve_scratch({{&qraw, size_t(BQ) * dp / 2}, {&s, size_t(2) * BQ * BK}, {&o, size_t(BQ) * dvp},
                    {&pv, size_t(BQ) * dvp}, {&m, BQ}, {&l, BQ * 16}, {&alpha, BQ},
                    {&praw, size_t(BQ) * BK / 2}});
     uint16_t* q16 = reinterpret_cast<uint16_t*>(qraw);
@@ -518,7 +525,8 @@ struct Bf16Task {
       m[i] = -INFINITY;
       store16(l + i * 16, vf16{});
     }
-    // Q rows as raw bfloat16; the scale is applied to S in float32.
+    // Q rows as raw bfloat16; the scale is applied to S in float32 (by the
+    // softmax, see probabilities).
     for (int r = 0; r < nq && kbeg < kend; ++r) {
       const uint16_t* q = static_cast<const uint16_t*>(a.q) + b * p.q_strides[0] +
                           (h0 + r / nqh) * p.q_strides[1] + (i0 + r % nqh) * p.q_strides[2];
@@ -530,25 +538,36 @@ struct Bf16Task {
 
     tiles_begin();
     // Blocks aligned to BK, where the packing put them; the per-row masks
-    // hide the keys of a block outside [kbeg, kend).
+    // hide the keys of a block outside [kbeg, kend). S of the next block
+    // is computed before this block's softmax, so that on tiles its dot
+    // products run beside the vector work instead of each waiting on the other.
+    auto keys = [&](long j0, int w) { // the GEMMs' spans (bf16_gemm.h)
+      return [&, j0, w](int r, int R, int* k0, int* k1) {
+        base.block_cols(sq, i0, nqh, j0, p.Lk - j0 < BK ? int(p.Lk - j0) : BK, r, R, w, k0, k1);
+      };
+    };
+    auto scores = [&](long j0, float* out) {
+      if (j0 < kend) gemm_abt(q16, nq, dp, dp, kt, lkp, j0, 1.0f, out, keys(j0, 16));
+    };
+    float* s_next = s + BQ * BK;
+    scores(kbeg / BK * BK, s);
     for (long j0 = kbeg / BK * BK; j0 < kend; j0 += BK) {
       const int nk = p.Lk - j0 < BK ? int(p.Lk - j0) : BK;
-      auto keys = [&](int w) { // the GEMMs' spans (bf16_gemm.h)
-        return [&, w](int r, int R, int* k0, int* k1) {
-          base.block_cols(sq, i0, nqh, j0, nk, r, R, w, k0, k1);
-        };
-      };
-      gemm_abt(q16, nq, dp, dp, kt, lkp, j0, p.scale, s, keys(16));
+      scores(j0 + BK, s_next);
       if (p.dropout_p > 0.0f) {
-        base.probabilities(b, sq, h0, nqh, i0, nq, j0, nk, s, m, l, alpha, Task<bf16_t>::POverS{s});
+        base.probabilities(b, sq, h0, nqh, i0, nq, j0, nk, s, m, l, alpha, Task<bf16_t>::POverS{s},
+                           p.scale);
         for (int r = 0; r < nq; ++r) to_bf16(s + r * BK, BK, p16 + r * BK);
       } else { // P rounded as it is made
         base.probabilities(b, sq, h0, nqh, i0, nq, j0, nk, s, m, l, alpha,
                            [p16](int i, int c, vf16 e0, vf16 e1) {
                              _mm512_storeu_si512(p16 + i * BK + c, to_bf16x32(e0, e1));
-                           });
+                           }, p.scale);
       }
-      gemm_ab_add(p16, nq, vp, dvp, j0, dvp, alpha, o, dvp, pv, keys(2)); // O = alpha O + P V
+      gemm_ab_add(p16, nq, vp, dvp, j0, dvp, alpha, o, dvp, pv, keys(j0, 2)); // O = alpha O + P V
+      float* done = s;
+      s = s_next;
+      s_next = done;
     }
     tiles_end();
     base.finish_heads(b, h0, i0, nqh, o, m, l, dvp);

@@ -54,6 +54,85 @@ inline __m512i to_bf16x32(__m512 lo, __m512 hi) {
 }
 #endif
 
+// R rows of A against 16 * NC columns of B on VDPBF16PS, in R x NC
+// vectors over the inner dimension's kd / 2 pairs, starting from 0 or
+// (add) from alpha[r] C. a: the rows (row stride lda), each pair of them
+// broadcast; c: the outputs (row stride ldc), times scale (which, starting
+// from C, would scale it too: callers that add keep the default 1).
+// b, bstride: B, in one of two forms; either way the next pair of B's rows
+// starts 2 * bstride words on.
+//   packed (the layouts above): a pair's words at b, the next pair's
+//     2 * bstride words on;
+//   kRows: plain rows, bstride apart (decoding's V, read in place), each
+//     two interleaved into words in registers (VPUNPCKLWD/HWD); an odd
+//     last row (kd odd) pairs with zeros. Half the multiply-adds of
+//     float32 P V (1k-32k keys, 1-2 threads: 8-19% faster; packing V's
+//     block into pairs first gained at most 5%, and lost as much at 16k
+//     keys). Interleaving within 128-bit lanes leaves each 32 columns of C
+//     in pair order (columns 0-3, 8-11, 16-19, 24-27, then 4-7, 12-15,
+//     ...; from_pair_order restores them); a last 16 columns (NC odd) stay
+//     in order.
+template <int R, int NC, bool kRows = false>
+FA_GEMM void dot_rows(const uint16_t* a, int lda, int kd, const uint16_t* b, size_t bstride,
+                      float* c, int ldc, bool add, const float* alpha, float scale = 1.0f) {
+  __m512 acc[R][NC];
+  for (int r = 0; r < R; ++r) {
+    const __m512 al = _mm512_set1_ps(alpha ? alpha[r] : 1.0f);
+    for (int k = 0; k < NC; ++k)
+      acc[r][k] = add ? _mm512_mul_ps(_mm512_loadu_ps(c + r * ldc + 16 * k), al)
+                      : _mm512_setzero_ps();
+  }
+  for (int d = 0; d < kd; d += 2, b += 2 * bstride) {
+    __m512i bv[NC];
+    if constexpr (kRows) {
+      const bool odd = d + 1 == kd;
+      for (int k = 0; k + 1 < NC; k += 2) {
+        const __m512i x = _mm512_loadu_si512(b + 16 * k);
+        const __m512i y = odd ? _mm512_setzero_si512() : _mm512_loadu_si512(b + bstride + 16 * k);
+        bv[k] = _mm512_unpacklo_epi16(x, y);
+        bv[k + 1] = _mm512_unpackhi_epi16(x, y);
+      }
+      if constexpr (NC % 2) {
+        const uint16_t* x = b + 16 * (NC - 1);
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)x));
+        const __m512i hi = odd ? _mm512_setzero_si512()
+                               : _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(x + bstride)));
+        bv[NC - 1] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+      }
+    } else {
+      for (int k = 0; k < NC; ++k) bv[k] = _mm512_loadu_si512(b + 32 * k);
+    }
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      memcpy(&pair, a + r * lda + d, 4);
+      const __m512i av = _mm512_set1_epi32(int(pair));
+      for (int k = 0; k < NC; ++k) acc[r][k] = dot2(acc[r][k], av, bv[k]);
+    }
+  }
+  if (scale != 1.0f)
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < NC; ++k) acc[r][k] = _mm512_mul_ps(acc[r][k], _mm512_set1_ps(scale));
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < NC; ++k) _mm512_storeu_ps(c + r * ldc + 16 * k, acc[r][k]);
+}
+
+// dot_rows over nc columns (a multiple of 16): 64 at a time, then the rest.
+template <int R, bool kRows = false>
+FA_GEMM void dot_cols(const uint16_t* a, int lda, int kd, const uint16_t* b, size_t bstride,
+                      int nc, float* c, int ldc, bool add, const float* alpha,
+                      float scale = 1.0f) {
+  constexpr int w = kRows ? 1 : 2; // words of b per column
+  int col = 0;
+  for (; col + 64 <= nc; col += 64)
+    dot_rows<R, 4, kRows>(a, lda, kd, b + w * col, bstride, c + col, ldc, add, alpha, scale);
+  switch ((nc - col) / 16) {
+    case 3: dot_rows<R, 3, kRows>(a, lda, kd, b + w * col, bstride, c + col, ldc, add, alpha, scale); break;
+    case 2: dot_rows<R, 2, kRows>(a, lda, kd, b + w * col, bstride, c + col, ldc, add, alpha, scale); break;
+    case 1: dot_rows<R, 1, kRows>(a, lda, kd, b + w * col, bstride, c + col, ldc, add, alpha, scale); break;
+    default: break;
+  }
+}
+
 #if defined(__AMX_BF16__)
 constexpr int kTile = 16; // rows of a tile; 64 bytes per row
 
@@ -255,63 +334,15 @@ inline void gemm_ab_add(const uint16_t* a, int nr, const uint16_t* b, int n, lon
 }
 
 #else
-// AVX512-BF16: R rows of A against 16 * NC columns of B, in R x NC vectors
-// over the inner dimension's kd / 2 pairs, starting from 0 or (add) from
-// alpha[r] C. a: the rows (row stride lda), b: the first columns' words
-// of pair 0, the next pair's words bstride words on; c: the outputs (row
-// stride ldc), times scale (which, starting from C, would scale it too:
-// callers that add keep the default 1).
-template <int R, int NC>
-FA_GEMM void dot_rows(const uint16_t* a, int lda, int kd, const uint16_t* b, size_t bstride,
-                      float* c, int ldc, bool add, const float* alpha, float scale = 1.0f) {
-  __m512 acc[R][NC];
-  for (int r = 0; r < R; ++r) {
-    const __m512 al = _mm512_set1_ps(alpha ? alpha[r] : 1.0f);
-    for (int k = 0; k < NC; ++k)
-      acc[r][k] = add ? _mm512_mul_ps(_mm512_loadu_ps(c + r * ldc + 16 * k), al)
-                      : _mm512_setzero_ps();
-  }
-  for (int d = 0; d < kd; d += 2, b += 2 * bstride) {
-    __m512i bv[NC];
-    for (int k = 0; k < NC; ++k) bv[k] = _mm512_loadu_si512(b + 32 * k);
-    for (int r = 0; r < R; ++r) {
-      uint32_t pair;
-      memcpy(&pair, a + r * lda + d, 4);
-      const __m512i av = _mm512_set1_epi32(int(pair));
-      for (int k = 0; k < NC; ++k) acc[r][k] = dot2(acc[r][k], av, bv[k]);
-    }
-  }
-  if (scale != 1.0f)
-    for (int r = 0; r < R; ++r)
-      for (int k = 0; k < NC; ++k) acc[r][k] = _mm512_mul_ps(acc[r][k], _mm512_set1_ps(scale));
-  for (int r = 0; r < R; ++r)
-    for (int k = 0; k < NC; ++k) _mm512_storeu_ps(c + r * ldc + 16 * k, acc[r][k]);
-}
-
-// dot_rows over nc columns (a multiple of 16): 64 at a time, then the rest.
-template <int R>
-FA_GEMM void dot_cols(const uint16_t* a, int lda, int kd, const uint16_t* b, size_t bstride,
-                      int nc, float* c, int ldc, bool add, const float* alpha,
-                      float scale = 1.0f) {
-  int col = 0;
-  for (; col + 64 <= nc; col += 64)
-    dot_rows<R, 4>(a, lda, kd, b + 2 * col, bstride, c + col, ldc, add, alpha, scale);
-  switch ((nc - col) / 16) {
-    case 3: dot_rows<R, 3>(a, lda, kd, b + 2 * col, bstride, c + col, ldc, add, alpha, scale); break;
-    case 2: dot_rows<R, 2>(a, lda, kd, b + 2 * col, bstride, c + col, ldc, add, alpha, scale); break;
-    case 1: dot_rows<R, 1>(a, lda, kd, b + 2 * col, bstride, c + col, ldc, add, alpha, scale); break;
-    default: break;
-  }
-}
-
+// AVX512-BF16: the two products on dot_rows (above).
 template <typename Span = AllKeys>
 inline void gemm_abt(const uint16_t* a, int nr, int lda, int kd, const uint16_t* bt, int np,
                      long j0, float scale, float* c, Span span = {}) {
   for_row_blocks(nr, [&]<int R>(int r) {
     int c0, c1;
     span(r, R, &c0, &c1);
-    dot_cols<R>(a + size_t(r) * lda, lda, kd, bt + size_t(j0 + c0) * 2, size_t(np), c1 - c0,
-                c + r * BK + c0, BK, false, nullptr, scale);
+    dot_cols<R>(a + size_t(r) * lda, lda, kd, bt + size_t(j0 + c0) * 2, size_t(np),
+                c1 - c0, c + r * BK + c0, BK, false, nullptr, scale);
     for (int i = r; i < r + R; ++i)
       for (int col = 0; col < BK; col += 16)
         if (col < c0 || col >= c1) _mm512_storeu_ps(c + i * BK + col, _mm512_setzero_ps());
@@ -323,8 +354,8 @@ inline void gemm_ab_add(const uint16_t* a, int nr, const uint16_t* b, int n, lon
   for_row_blocks(nr, [&]<int R>(int r) {
     int k0, k1;
     span(r, R, &k0, &k1);
-    dot_cols<R>(a + r * BK + k0, BK, k1 - k0, b + size_t((i0 + k0) / 2) * n * 2, size_t(n), nc,
-                c + size_t(r) * ldc, ldc, true, alpha ? alpha + r : nullptr);
+    dot_cols<R>(a + r * BK + k0, BK, k1 - k0, b + size_t((i0 + k0) / 2) * n * 2,
+                size_t(n), nc, c + size_t(r) * ldc, ldc, true, alpha ? alpha + r : nullptr);
   });
 }
 #endif
@@ -338,65 +369,7 @@ struct Bf16Dot {
   static vf16 madd(vf16 acc, __m512i q, __m512i k) { return vf16(dot2(__m512(acc), q, k)); }
 };
 
-// Decoding's O = alpha O + P V on bfloat16 pairs, V's rows read in place
-// (ldv apart): the rows of each key pair interleaved in registers
-// (VPUNPCKLWD/HWD), half the multiply-adds of float32 P V (1k-32k keys,
-// 1-2 threads: 8-19% faster; packing V's block into pairs first gained at
-// most 5%, and lost as much at 16k keys). Interleaving within 128-bit
-// lanes leaves each 32 columns of O in pair order (columns 0-3, 8-11,
-// 16-19, 24-27, then 4-7, 12-15, ...; from_pair_order restores them); a
-// last 16 columns (NC odd) stay in order. P: R rows of bfloat16 (ldp
-// apart) over keys [0, nk); an odd last key pairs with zeros.
-template <int R, int NC>
-FA_GEMM void pv_pairs(const uint16_t* p, int ldp, const float* alpha, const uint16_t* v,
-                      long ldv, int nk, float* o, int ldo) {
-  __m512 acc[R][NC];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < NC; ++c)
-      acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(o + r * ldo + 16 * c), _mm512_set1_ps(alpha[r]));
-  for (int j = 0; j < nk; j += 2) {
-    const uint16_t* v0 = v + j * ldv;
-    const bool odd = j + 1 == nk;
-    __m512i vv[NC];
-    for (int c = 0; c + 1 < NC; c += 2) {
-      const __m512i a = _mm512_loadu_si512(v0 + 16 * c);
-      const __m512i b = odd ? _mm512_setzero_si512() : _mm512_loadu_si512(v0 + ldv + 16 * c);
-      vv[c] = _mm512_unpacklo_epi16(a, b);
-      vv[c + 1] = _mm512_unpackhi_epi16(a, b);
-    }
-    if constexpr (NC % 2) {
-      const uint16_t* a = v0 + 16 * (NC - 1);
-      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)a));
-      const __m512i hi = odd ? _mm512_setzero_si512()
-                             : _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(a + ldv)));
-      vv[NC - 1] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
-    }
-    for (int r = 0; r < R; ++r) {
-      uint32_t pair;
-      memcpy(&pair, p + r * ldp + j, 4);
-      const __m512i pv = _mm512_set1_epi32(int(pair));
-      for (int c = 0; c < NC; ++c) acc[r][c] = dot2(acc[r][c], pv, vv[c]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(o + r * ldo + 16 * c, acc[r][c]);
-}
-
-// pv_pairs over n columns (a multiple of 16): 64 at a time, then the rest.
-template <int R>
-FA_GEMM void pv_pairs_cols(const uint16_t* p, int ldp, const float* alpha, const uint16_t* v,
-                           long ldv, int nk, float* o, int n) {
-  int c = 0;
-  for (; c + 64 <= n; c += 64) pv_pairs<R, 4>(p, ldp, alpha, v + c, ldv, nk, o + c, n);
-  switch ((n - c) / 16) {
-    case 3: pv_pairs<R, 3>(p, ldp, alpha, v + c, ldv, nk, o + c, n); break;
-    case 2: pv_pairs<R, 2>(p, ldp, alpha, v + c, ldv, nk, o + c, n); break;
-    case 1: pv_pairs<R, 1>(p, ldp, alpha, v + c, ldv, nk, o + c, n); break;
-    default: break;
-  }
-}
-
-// A row of n columns of O from pv_pairs's order back to columns in order.
+// A row of n columns of O from dot_rows<..., kRows>'s pair order back to columns in order.
 inline void from_pair_order(float* o, int n) {
   for (int c = 0; c + 32 <= n; c += 32) {
     const vf16 x = load16(o + c), y = load16(o + c + 16);

@@ -200,7 +200,7 @@ struct Task {
       for (int d = 0; d < D; ++d) q16[r * D + d] = bf16_t{row[d * p.q_strides[3]]};
     }
     // V's rows in place meet P rounded to bfloat16 (p16), as in Bf16Task
-    // (pv_pairs).
+    // (dot_rows<..., kRows>).
     const bool v_pairs = is_bf16<T> && v_rows;
     uint16_t* p16 = reinterpret_cast<uint16_t*>(pb);
 #else
@@ -273,9 +273,9 @@ struct Task {
           for_row_blocks(q.nq, [&]<int R>(int i) {
             int c0, c1;
             cols(i, R, 2, &c0, &c1);
-            pv_pairs_cols<R>(p16 + i * BK + c0, BK, alpha + q.r0 + i,
-                             vr + c0 * p.v_strides[2], p.v_strides[2], (c1 < nk ? c1 : nk) - c0,
-                             ob + i * dvp, dvp);
+            const int n = (c1 < nk ? c1 : nk) - c0;
+            dot_cols<R, true>(p16 + i * BK + c0, BK, n, vr + c0 * p.v_strides[2],
+                              size_t(p.v_strides[2]), dvp, ob + i * dvp, dvp, true, alpha + q.r0 + i);
           });
 #endif
         } else if (v_rows)

@@ -495,7 +495,7 @@ struct Bf16Task {
   int lkp, dp, dvp;         // keys padded to BK, D to 32, Dv to 16
   const uint16_t* kpack;    // K^T and V tiles of the wave's (batch, K/V
   const uint16_t* vpack;    // head)s (K/V heads when packed), from
-  int64_t first = 0;        // head `first` on (run_bf16)
+  int64_t first = 0;        // head `first` on (run_waves)
 
   size_t k_elems() const { return size_t(lkp) * dp; }
   size_t v_elems() const { return size_t(lkp) * dvp; }
@@ -587,37 +587,48 @@ void run_tasks(const TaskT& t, const TaskOrder& order, int64_t begin, int64_t en
   }, &ctx);
 }
 
+// Runs the tasks of `order` a wave of (batch, K/V head)s at a time, so
+// that what is packed stays within a cache-sized buffer: per wave, pack(slot,
+// i) fills slot `slot` with K/V head i (in parallel), then the wave's tasks
+// run. first: the task's field naming the head in slot 0.
+template <typename TaskT, typename Pack>
+void run_waves(const TaskT& t, const TaskOrder& order, int64_t wave, int64_t& first,
+               const Pack& pack) {
+  const int64_t nkv = order.kv_heads(), per = order.per_kv_head();
+  for (first = 0; first < nkv; first += wave) {
+    const int64_t n = nkv - first < wave ? nkv - first : wave;
+    struct Ctx { const Pack& pack; int64_t first; } ctx{pack, first};
+    parallel_for(n, [](void* c, int64_t slot) {
+      const Ctx& x = *static_cast<const Ctx*>(c);
+      x.pack(slot, x.first + slot);
+    }, &ctx);
+    run_tasks(t, order, first * per, (first + n) * per);
+  }
+}
+
 #if defined(FA_BF16_DOT)
-// Packs K and V of a wave of (batch, K/V head)s in parallel, then runs
-// their tasks; wave after wave.
 void run_bf16(const Task<bf16_t>& task, const TaskOrder& order) {
   const FlashParams& p = task.p;
-  const int64_t nheads = order.kv_heads();
   Bf16Task bf{task, round_up(p.Lk, BK), round_up(p.D, 32), round_up(p.Dv, 16), nullptr, nullptr};
   const size_t head_elems = bf.k_elems() + bf.v_elems();
-  const int64_t wave = wave_heads(head_elems * sizeof(uint16_t), nheads, kBf16WaveBytes);
-  uint16_t* buf = alloc_aligned<uint16_t>(wave * head_elems);
-  bf.kpack = buf;
-  bf.vpack = buf + wave * bf.k_elems();
-  for (bf.first = 0; bf.first < nheads; bf.first += wave) {
-    const int64_t n = nheads - bf.first < wave ? nheads - bf.first : wave;
-    parallel_for(n, [](void* c, int64_t slot) {
-      const Bf16Task& t = *static_cast<const Bf16Task*>(c);
-      const FlashParams& p = t.base.p;
-      const int64_t i = t.first + slot;
-      const int b = int(i / p.Hk), hk = int(i % p.Hk);
-      const uint16_t* k =
-          static_cast<const uint16_t*>(t.base.a.k) + b * p.k_strides[0] + hk * p.k_strides[1];
-      const uint16_t* v =
-          static_cast<const uint16_t*>(t.base.a.v) + b * p.v_strides[0] + hk * p.v_strides[1];
-      pack_transposed_pairs(k, p.Lk, p.D, p.k_strides[2], p.k_strides[3], t.lkp, t.dp,
-                            const_cast<uint16_t*>(t.kpack) + slot * t.k_elems());
-      pack_row_pairs(v, p.Lk, p.Dv, p.v_strides[2], p.v_strides[3], t.lkp, t.dvp,
-                     const_cast<uint16_t*>(t.vpack) + slot * t.v_elems());
-    }, &bf);
-    run_tasks(bf, order, bf.first * order.per_kv_head(), (bf.first + n) * order.per_kv_head());
-  }
-  free(buf);
+  const int64_t wave =
+      wave_heads(head_elems * sizeof(uint16_t), order.kv_heads(), kBf16WaveBytes);
+  uint16_t* kbuf = alloc_aligned<uint16_t>(wave * head_elems);
+  uint16_t* vbuf = kbuf + wave * bf.k_elems();
+  bf.kpack = kbuf;
+  bf.vpack = vbuf;
+  run_waves(bf, order, wave, bf.first, [&](int64_t slot, int64_t i) {
+    const int b = int(i / p.Hk), hk = int(i % p.Hk);
+    const uint16_t* k =
+        static_cast<const uint16_t*>(task.a.k) + b * p.k_strides[0] + hk * p.k_strides[1];
+    const uint16_t* v =
+        static_cast<const uint16_t*>(task.a.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+    pack_transposed_pairs(k, p.Lk, p.D, p.k_strides[2], p.k_strides[3], bf.lkp, bf.dp,
+                          kbuf + slot * bf.k_elems());
+    pack_row_pairs(v, p.Lk, p.Dv, p.v_strides[2], p.v_strides[3], bf.lkp, bf.dvp,
+                   vbuf + slot * bf.v_elems());
+  });
+  free(kbuf);
 }
 #endif
 
@@ -652,27 +663,6 @@ void run_decode(Task<T>& task, const TaskOrder& order) {
   free(buf);
 }
 
-// Converts K^T and V of K/V heads [kv.first, kv.first + n) to float32 in
-// parallel, into kv's buffers.
-template <typename T>
-void convert_kv(const Task<T>& task, const FloatKV& kv, int64_t n) {
-  struct Ctx { const Task<T>& t; const FloatKV& kv; } ctx{task, kv};
-  parallel_for(n, [](void* c, int64_t slot) {
-    const Ctx& x = *static_cast<const Ctx*>(c);
-    const FlashParams& p = x.t.p;
-    const int64_t i = x.kv.first + slot;
-    const int b = int(i / p.Hk), hk = int(i % p.Hk), lkp = x.kv.lkp;
-    const int dvp = (p.Dv + 15) / 16 * 16;
-    convert_rows(static_cast<const T*>(x.t.a.k) + b * p.k_strides[0] + hk * p.k_strides[1], p.Lk,
-                 p.D, p.k_strides[2], p.k_strides[3], 1.0f, lkp,
-                 const_cast<float*>(x.kv.kt) + slot * size_t(lkp) * p.D, 16, nullptr, 0);
-    if (x.kv.v)
-      convert_rows(static_cast<const T*>(x.t.a.v) + b * p.v_strides[0] + hk * p.v_strides[1], p.Lk,
-                   p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, lkp, nullptr, 0,
-                   const_cast<float*>(x.kv.v) + slot * size_t(dvp) * lkp, 16, size_t(lkp) * 16);
-  }, &ctx);
-}
-
 template <typename T>
 void run_all(const ForwardArgs& a) {
   const FlashParams& p = *a.p;
@@ -696,7 +686,6 @@ void run_all(const ForwardArgs& a) {
     if (task.nsub == 1 || nkv * order.per_kv_head() >= 4 * num_threads()) break;
   }
   task.nsub = (nqb + order.nqt - 1) / order.nqt; // evened out: 3 + 3 blocks, not 4 + 2
-  const int64_t per_kv = order.per_kv_head();
   FloatKV& kv = task.kv;
   const int dvp = (p.Dv + 15) / 16 * 16;
   kv.lkp = (p.Lk + BK - 1) / BK * BK;
@@ -708,15 +697,21 @@ void run_all(const ForwardArgs& a) {
                           p.v_strides[2] <= 64;
   const size_t head_floats = size_t(kv.lkp) * (p.D + (v_in_place ? 0 : dvp));
   const int64_t wave = wave_heads(head_floats * sizeof(float), nkv);
-  float* buf = alloc_aligned<float>(wave * head_floats);
-  kv.kt = buf;
-  kv.v = v_in_place ? nullptr : buf + wave * size_t(kv.lkp) * p.D;
-  for (kv.first = 0; kv.first < nkv; kv.first += wave) {
-    const int64_t n = nkv - kv.first < wave ? nkv - kv.first : wave;
-    convert_kv(task, kv, n);
-    run_tasks(task, order, kv.first * per_kv, (kv.first + n) * per_kv);
-  }
-  free(buf);
+  float* kbuf = alloc_aligned<float>(wave * head_floats);
+  float* vbuf = v_in_place ? nullptr : kbuf + wave * size_t(kv.lkp) * p.D;
+  kv.kt = kbuf;
+  kv.v = vbuf;
+  run_waves(task, order, wave, kv.first, [&](int64_t slot, int64_t i) {
+    const int b = int(i / p.Hk), hk = int(i % p.Hk);
+    convert_rows(static_cast<const T*>(a.k) + b * p.k_strides[0] + hk * p.k_strides[1], p.Lk, p.D,
+                 p.k_strides[2], p.k_strides[3], 1.0f, kv.lkp, kbuf + slot * size_t(kv.lkp) * p.D,
+                 16, nullptr, 0);
+    if (vbuf)
+      convert_rows(static_cast<const T*>(a.v) + b * p.v_strides[0] + hk * p.v_strides[1], p.Lk,
+                   p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, kv.lkp, nullptr, 0,
+                   vbuf + slot * size_t(dvp) * kv.lkp, 16, size_t(kv.lkp) * 16);
+  });
+  free(kbuf);
 }
 
 } // namespace

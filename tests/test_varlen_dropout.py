@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import mlx_flash_attn as fa
-from reference import DTYPES, assert_close, rand, reference, to64, to_torch, torch_attention
+from reference import (DTYPES, assert_close, assert_grad_close, rand, reference, to64, to_torch,
+                       torch_attention)
 
 torch = pytest.importorskip("torch")
 
@@ -133,6 +134,43 @@ def test_varlen_sink_and_alibi_gradients(rng):
         got = mx.grad(packed, argnums=(0, 1))(sinks, slopes)
         for g, ref in zip(got, (ts.grad.numpy(), ta.grad.numpy())):
             np.testing.assert_allclose(to64(g), ref, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [64, 80])
+@pytest.mark.parametrize("opts", [{"causal": True}, {"window_size": (24, 8), "softcap": 4.0}],
+                         ids=["causal", "window-softcap"])
+def test_varlen_fused_gradients_against_float64(rng, dtype, D, opts):
+    """Every gradient of a packed call (q, k, v, sinks, ALiBi slopes) against
+    float64 torch autograd, sequence by sequence. 4 K/V heads x 3 sequences
+    are enough tasks for the CPU backward's fused pass (two per thread, up
+    to 6 threads); the sequences start on odd rows (q and k), where the
+    bfloat16 packs' blocks (query blocks aligned to 64 rows, key pairs)
+    reach into the neighbouring sequence."""
+    lens_q, lens_k, Hq, Hk = [131, 5, 70], [141, 9, 80], 8, 4
+    q, k, v = (pack(rng, lens, H, D, dtype) for lens, H in
+               ((lens_q, Hq), (lens_k, Hk), (lens_k, Hk)))
+    w = rand(rng, (sum(lens_q), Hq, D), mx.float32)
+    sinks = mx.array(rng.standard_normal(Hq).astype(np.float32))
+    slopes = mx.array(rng.uniform(0, 0.1, Hq).astype(np.float32))
+
+    def packed(q, k, v, s, a):
+        out = fa.attention_varlen(q, k, v, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k),
+                                  sinks=s, alibi_slopes=a, **opts)
+        return (out.astype(mx.float32) * w).sum()
+
+    got = mx.grad(packed, argnums=(0, 1, 2, 3, 4))(q, k, v, sinks, slopes)
+    tq, tk, tv = (torch.from_numpy(to64(x)).requires_grad_(True) for x in (q, k, v))
+    ts, ta = to_torch(sinks), to_torch(slopes)
+    tw = torch.from_numpy(to64(w))
+    oq, ok = np.cumsum([0] + lens_q), np.cumsum([0] + lens_k)
+    t = lambda x, o, b: x[o[b]:o[b + 1]].transpose(0, 1)[None]
+    sum((torch_attention(t(tq, oq, b), t(tk, ok, b), t(tv, ok, b), sinks=ts, alibi_slopes=ta,
+                         **opts)[0] * t(tw, oq, b)).sum()
+        for b in range(len(lens_q))).backward()
+    refs = (tq.grad, tk.grad, tv.grad, ts.grad, ta.grad)
+    for name, g, ref in zip(("dq", "dk", "dv", "dsinks", "dalibi"), got, refs):
+        assert_grad_close(to64(g), ref.numpy(), dtype, name)
 
 
 @pytest.mark.parametrize("dtype,lens_q,lens_k,Hq,Hk,D", [

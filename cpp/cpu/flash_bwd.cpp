@@ -352,18 +352,23 @@ struct Backward {
   // --- dK/dV pass: key blocks [kb * nkb, kb * nkb + nkb) of kv head hk in
   // batch b (nkb > 1 only in the fused pass), each block of query rows
   // used by all of them in turn. In the fused pass (fused_task) also dQ +=
-  // dS K into dqa (the task's query heads x rows from qrows_begin, see
-  // Fused) and the score gradients. ---
+  // dS K into dqa (the task's query heads x rows from row0, see Fused) and
+  // the score gradients. ---
   struct Fused {
     float* dqa;
     double* dslope; // per query head of the group
-    long rows;
+    long row0, rows;
   };
   void dkv_task(int b, int hk, int kb, int nkb, const Fused* fz = nullptr) const {
     const Seq sq = seq_of(p, a.fwd.seqs, b);
+    // bfloat16: key blocks start on an even row, where K's packed pairs do
+    // (the fused dQ += dS K reads them from the block's first key): a
+    // packed sequence's odd first row brings in its neighbour's last,
+    // whose P and dS are 0 here and whose dK and dV are not written.
+    const long kbegin = bf ? sq.krows_begin / 2 * 2 : sq.krows_begin;
     long j0;
-    const int nk = block_rows(sq.krows_begin, sq.krows_end, kb, nkb * BK, &j0);
-    if (nk == 0) return;
+    const int nk = block_rows(kbegin, sq.krows_end, kb, nkb * BK, &j0);
+    if (nk == 0 || j0 + nk <= sq.krows_begin) return;
     const int D = p.D, Dv = p.Dv, Dp = pad16(D), dvp = pad16(Dv);
     float *dka, *dva, *s, *dp, *cap, *lse, *del, *tmp, *pd16;
     const size_t cols16 = bf ? size_t(bf->dp > bf->dvp ? bf->dp : bf->dvp) : 0;
@@ -413,7 +418,7 @@ struct Backward {
                         dkj + j * Dp);
           });
           if (fz) {
-            float* dqa = fz->dqa + (hh * fz->rows + (i0 - sq.qrows_begin)) * Dp;
+            float* dqa = fz->dqa + (hh * fz->rows + (i0 - fz->row0)) * Dp;
             for_row_blocks(nq, [&]<int R>(int i) {
               dq_rows<R>(sq, i0, i, j0 + jb, nkj, dp, km, dqa);
             });
@@ -431,7 +436,11 @@ struct Backward {
   // (run_backward). ---
   void fused_task(int b, int hk, int nkb) const {
     const Seq sq = seq_of(p, a.fwd.seqs, b);
-    const long rows = sq.qrows_end - sq.qrows_begin;
+    // The bfloat16 packs' query blocks are aligned to BQ: with packed
+    // sequences one may start before this sequence's rows. Those rows'
+    // dS is 0 (they see none of its keys): dqa has room for them.
+    const long row0 = bf ? sq.qrows_begin / BQ * BQ : sq.qrows_begin;
+    const long rows = sq.qrows_end - row0;
     const int g = p.gqa_ratio, Dp = pad16(p.D);
     float* dqa = alloc_aligned<float>(size_t(g) * rows * Dp + 1);
     double* dslope = alloc_aligned<double>(g);
@@ -440,9 +449,9 @@ struct Backward {
       dslope[hh] = 0.0;
       if (a.dmask)
         memset(a.dmask + row_index(b, hk * g + hh, sq.qrows_begin) * p.Lk, 0,
-               sizeof(float) * rows * size_t(p.Lk));
+               sizeof(float) * size_t(sq.qrows_end - sq.qrows_begin) * p.Lk);
     }
-    const Fused fz{dqa, dslope, rows};
+    const Fused fz{dqa, dslope, row0, rows};
     for (int kb = 0; kb * kFusedKeyBlocks < nkb; ++kb) dkv_task(b, hk, kb, kFusedKeyBlocks, &fz);
     float lse[BQ], del[BQ];
     for (int hh = 0; hh < g; ++hh) {
@@ -453,7 +462,7 @@ struct Backward {
         const float *unused_q, *unused_do;
         if (nq == 0) continue;
         query_rows(b, h, i0, nq, unused_q, unused_do, lse, del);
-        write_dq(b, h, i0, nq, dqa + (hh * rows + (i0 - sq.qrows_begin)) * Dp, lse, del,
+        write_dq(b, h, i0, nq, dqa + (hh * rows + (i0 - row0)) * Dp, lse, del,
                  qb == 0 ? dslope[hh] : 0.0, qb);
       }
     }
@@ -553,7 +562,7 @@ struct Backward {
           gemm_ab_add(dst16, nkj, bf->qr + bf->query_d(qh), bf->dp, i0, Dp, nullptr,
                       dka + jb * Dp, Dp, tmp, seen_by);
           if (fz) { // dQ += dS K
-            float* dqa = fz->dqa + (hh * fz->rows + (i0 - sq.qrows_begin)) * Dp;
+            float* dqa = fz->dqa + (hh * fz->rows + (i0 - fz->row0)) * Dp;
             gemm_ab_add(ds16, nq, bf->kr + bf->key_d(kv), bf->dp, jj, Dp, nullptr, dqa, Dp, tmp,
                         seen_keys(sq, i0, jj, nkj, 2));
           }
@@ -561,7 +570,9 @@ struct Backward {
       }
     }
     tiles_end();
-    write_dkv(b, hk, j0, nk, dka, dva, p.scale); // Q was not scaled here
+    const int lead = j0 < sq.krows_begin ? int(sq.krows_begin - j0) : 0; // see dkv_task
+    write_dkv(b, hk, j0 + lead, nk - lead, dka + lead * Dp, dva + lead * dvp,
+              p.scale); // Q was not scaled here
   }
 #endif
 
@@ -746,9 +757,7 @@ void run_backward(const BackwardArgs& a) {
   parallel(nbh, [&](int64_t bh) { bw.delta_rows(int(bh / p.Hq), int(bh % p.Hq), delta); });
   // Fused per-head tasks when there are enough to share out (two per
   // thread); else the two passes' finer tasks.
-  // (Not the bfloat16 packs' with packed sequences: their query blocks,
-  // aligned to BQ, may start before a sequence's dQ rows.)
-  const bool fused = !(packs.kt && p.packed) && nkv * (p.packed ? p.B : 1) >= 2 * num_threads();
+  const bool fused = nkv * (p.packed ? p.B : 1) >= 2 * num_threads();
   int64_t& first = packs.kt ? packs.kv_first : fpacks.kv_first;
   const int64_t wave = packs.kt ? packs.wave : fpacks.wave;
   for (first = 0; first < nkv; first += wave) {

@@ -348,10 +348,16 @@ print(status("VmHWM") - base)
 
 
 def memory_check():
+    import os
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-c", _MEMORY_CHILD], capture_output=True, text=True)
+    # The child imports this same package: `python -c` puts its working
+    # directory first on the path, and from the repository root that is the
+    # source tree, which has no built extension.
+    where = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", _MEMORY_CHILD], capture_output=True, text=True,
+                         cwd=where)
     if res.returncode:
         return f"memory: the 32k check failed: {res.stderr.strip()[-300:]}"
     mib = float(res.stdout.strip())

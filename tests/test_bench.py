@@ -1,6 +1,7 @@
 """The benchmark's timing (mlx_flash_attn/bench.py): the peers of a case
 take turns in blocks of runs, each block after untimed calls."""
 
+import os
 import time
 
 from mlx_flash_attn import bench
@@ -111,3 +112,15 @@ def test_a_peer_not_run_prints_a_dash():
     assert bench.fmt_ratio(None, 6, 1) == "      -"
     assert bench.fmt_ratio(2.5, 6, 1) == "   2.5x"
     assert len(bench.fmt_ratio(None, 7, 2)) == len(bench.fmt_ratio(1.0, 7, 2))
+
+
+def test_the_memory_check_imports_the_package_the_benchmark_runs(monkeypatch):
+    """The README runs the benchmark from the repository root, where a
+    `python -c` child would import the source tree (no built extension):
+    the child must import the package this process imported. This child
+    prints 0 (MiB, as memory_check reports it) only if it did."""
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    init = os.path.join(os.path.dirname(bench.__file__), "__init__.py")
+    monkeypatch.setattr(bench, "_MEMORY_CHILD", "import mlx_flash_attn as fa\n"
+                        f"print(0 if fa.__file__ == {init!r} and fa.attention else 1)")
+    assert "peaked 0 MiB above" in bench.memory_check()

@@ -140,14 +140,16 @@ def test_varlen_sink_and_alibi_gradients(rng):
 @pytest.mark.parametrize("D", [64, 80])
 @pytest.mark.parametrize("opts", [{"causal": True}, {"window_size": (24, 8), "softcap": 4.0}],
                          ids=["causal", "window-softcap"])
-def test_varlen_fused_gradients_against_float64(rng, dtype, D, opts):
+@pytest.mark.parametrize("Hq,Hk", [(8, 4), (2, 1)], ids=["fused", "two-pass"])
+def test_varlen_gradients_against_float64(rng, dtype, D, opts, Hq, Hk):
     """Every gradient of a packed call (q, k, v, sinks, ALiBi slopes) against
-    float64 torch autograd, sequence by sequence. 4 K/V heads x 3 sequences
-    are enough tasks for the CPU backward's fused pass (two per thread, up
-    to 6 threads); the sequences start on odd rows (q and k), where the
-    bfloat16 packs' blocks (query blocks aligned to 64 rows, key pairs)
-    reach into the neighbouring sequence."""
-    lens_q, lens_k, Hq, Hk = [131, 5, 70], [141, 9, 80], 8, 4
+    float64 torch autograd, sequence by sequence. The CPU backward fuses its
+    two passes where there are two tasks per thread: 4 K/V heads x 3
+    sequences are enough up to 6 threads, 1 x 3 too few from 2 threads on.
+    The sequences start on odd rows (q and k), where the bfloat16 packs'
+    blocks (query blocks aligned to 64 rows, key pairs) reach into the
+    neighbouring sequence."""
+    lens_q, lens_k = [131, 5, 70], [141, 9, 80]
     q, k, v = (pack(rng, lens, H, D, dtype) for lens, H in
                ((lens_q, Hq), (lens_k, Hk), (lens_k, Hk)))
     w = rand(rng, (sum(lens_q), Hq, D), mx.float32)

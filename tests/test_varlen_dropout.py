@@ -162,8 +162,7 @@ def test_varlen_gradients_against_float64(rng, dtype, D, opts, Hq, Hk):
         return (out.astype(mx.float32) * w).sum()
 
     got = mx.grad(packed, argnums=(0, 1, 2, 3, 4))(q, k, v, sinks, slopes)
-    tq, tk, tv = (torch.from_numpy(to64(x)).requires_grad_(True) for x in (q, k, v))
-    ts, ta = to_torch(sinks), to_torch(slopes)
+    tq, tk, tv, ts, ta = (to_torch(x) for x in (q, k, v, sinks, slopes))
     tw = torch.from_numpy(to64(w))
     oq, ok = np.cumsum([0] + lens_q), np.cumsum([0] + lens_k)
     t = lambda x, o, b: x[o[b]:o[b + 1]].transpose(0, 1)[None]

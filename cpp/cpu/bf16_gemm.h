@@ -59,10 +59,9 @@ inline __m512i to_bf16x32(__m512 lo, __m512 hi) {
 // (add) from alpha[r] C. a: the rows (row stride lda), each pair of them
 // broadcast; c: the outputs (row stride ldc), times scale (which, starting
 // from C, would scale it too: callers that add keep the default 1).
-// b, bstride: B, in one of two forms; either way the next pair of B's rows
-// starts 2 * bstride words on.
-//   packed (the layouts above): a pair's words at b, the next pair's
-//     2 * bstride words on;
+// b, bstride: B, in one of two forms, the next pair of its rows 2 * bstride
+// words on either way:
+//   packed (the layouts above): a pair's words at b;
 //   kRows: plain rows, bstride apart (decoding's V, read in place), each
 //     two interleaved into words in registers (VPUNPCKLWD/HWD); an odd
 //     last row (kd odd) pairs with zeros. Half the multiply-adds of

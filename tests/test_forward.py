@@ -204,8 +204,8 @@ def test_decode_split_keys(rng, dtype, opts):
 def test_decode_streamed_kv(rng, dtype, opts):
     """Decoding with a long cache (on 2 threads one task per K/V head, its
     keys not split): each task's K and V outgrow the caches, so the CPU
-    kernel prefetches them a block ahead, up to the last key (3001: a
-    partial last block)."""
+    kernel prefetches them ahead (K a block, V three), up to the last key
+    (3001: a partial last block)."""
     run_and_check(rng, dtype, B=1, Hq=8, Hk=4, Lq=1, Lk=3001, D=128, **opts)
 
 

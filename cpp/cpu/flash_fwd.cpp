@@ -49,6 +49,12 @@ constexpr int kSubBlocks = 4;
 // (1k-2k keys) the prefetches cost 9-11% (2026-12-02, Zen 4: L2 1 MiB per
 // core), with 2 MiB (float32) they saved 14-22% (an earlier machine).
 constexpr size_t kStreamBytes = size_t(1) << 20;
+// Such a task prefetches K's rows one block ahead and V's, used after the
+// block's softmax, this many blocks ahead, both spread over qk_keys's
+// passes (V's rows, prefetched a block ahead in a burst at the block's
+// start, left decoding 7-9% slower on one thread: 4k-16k keys, float32
+// and bfloat16).
+constexpr int kVAhead = 3;
 
 // K^T and V of K/V heads [first, first + n) (index (batch, K/V head), see
 // TaskOrder) converted to float32 once, for the tasks that share them (see
@@ -188,6 +194,8 @@ struct Task {
     const bool decoding = !kv.kt;
     const bool k_rows = decoding && p.k_strides[3] == 1;
     const bool v_rows = decoding && p.v_strides[3] == 1 && dvp == Dv;
+    // V's rows prefetched by qk_keys where it reads K's rows in place.
+    const bool v_ahead = stream && k_rows && v_rows;
 #if defined(FA_BF16_DOT)
     // bfloat16 K rows in place meet Q's rows as they are (Bf16Dot), in kr,
     // which holds no K here.
@@ -223,7 +231,8 @@ struct Task {
           ldv = int(p.v_strides[2]);
         }
       } else {
-        load_kv(k, v, j0, nk, stream, k_rows ? nullptr : kr, v_rows ? nullptr : vf, dvp);
+        load_kv(k, v, j0, nk, stream && !v_ahead, k_rows ? nullptr : kr, v_rows ? nullptr : vf,
+                dvp);
       }
       for (int t = 0; t < nb; ++t) {
         const QBlock& q = blk[t];
@@ -233,13 +242,19 @@ struct Task {
         auto cols = [&](int r, int R, int w, int* c0, int* c1) {
           block_cols(sq, q.i0, q.nqh, j0, nk, r, R, w, c0, c1);
         };
-        // K's rows in place (kb) and those of the next block (streamed).
-        const long ldk = p.k_strides[2];
-        const int npf = stream ? int(p.Lk - j0 - BK < BK ? p.Lk - j0 - BK : BK) : 0;
+        // K's rows in place (kb) and, streamed, those to prefetch: the next
+        // block's K rows, V's kVAhead blocks on.
+        const long ldk = p.k_strides[2], jv = j0 + kVAhead * BK;
+        auto rows_from = [&](long j) {
+          return int(p.Lk - j < 0 ? 0 : p.Lk - j < BK ? p.Lk - j : BK);
+        };
+        const int npf = stream ? rows_from(j0 + BK) : 0, npv = v_ahead ? rows_from(jv) : 0;
+        const T* pv = npv ? v + jv * p.v_strides[2] : nullptr;
         auto scores = [&](auto dot, const auto* qb, const auto* kb, long ld, float scale, int np) {
           for_row_blocks(q.nq, [&]<int R>(int i) {
             qk_keys<R>(dot, qb + i * D, D, kb, ld, D, nk, scale, s + i * BK,
-                       np ? kb + BK * ld : nullptr, i == 0 ? np : 0);
+                       np ? kb + BK * ld : nullptr, i == 0 ? np : 0, pv, p.v_strides[2], Dv,
+                       i == 0 ? npv : 0);
           });
         };
         if (k_pairs) {
@@ -391,7 +406,7 @@ struct Task {
   // K's rows (D apart) into kr, V (BK x dvp) into vf, zero-padded so the
   // fixed-width GEMM reads defined values. With `stream` (K and V larger
   // than the caches: read from memory, once; kStreamBytes) it prefetches
-  // the next block's V rows (its K rows, read in place, are qk_keys's): the
+  // the next block's V rows (qk_keys does where it reads K's in place): the
   // hardware prefetchers alone kept two threads at 14 GB/s of the 23-32 an
   // earlier machine streamed (decoding float32, 4k-32k keys: 14-20% faster).
   void load_kv(const T* k, const T* v, long j0, int nk, bool stream, float* kr, float* vf,

@@ -610,12 +610,15 @@ struct FloatDot {
 // accumulators, as many as fit in registers beside the operands (16 zmm with
 // AVX-512, 4 vf16 = 8 ymm otherwise). Their sums come out 8 at a time
 // (lane_sums). Columns [nk, round_up(nk, KG)) repeat key nk - 1, for the
-// masks to hide. Each pass prefetches KG of the npf rows from pf (the next
-// block's K, streamed: load_kv): spread over the work, where a burst of
-// them stalled on the fill buffers (2 threads, 4k-32k keys: 2-21% faster).
-template <int R, typename Dot, typename TQ, typename TK>
+// masks to hide. Each pass prefetches KG of the npf rows from pf (K's
+// rows ldk apart, D long) and KG of the npv rows from pv (V's, ldv apart,
+// dv long), rows streamed from memory (see Task::run): spread over the
+// work, where a burst of them stalled on the fill buffers (2 threads,
+// 4k-32k keys: 2-21% faster).
+template <int R, typename Dot, typename TQ, typename TK, typename TV = TK>
 FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, int nk, float scale,
-                     float* s, const TK* pf = nullptr, int npf = 0) {
+                     float* s, const TK* pf = nullptr, int npf = 0, const TV* pv = nullptr,
+                     long ldv = 0, int dv = 0, int npv = 0) {
   constexpr int kAcc = ROWS * CHUNK >= 16 ? 16 : 4;
   constexpr int KG = kAcc / R > 1 ? kAcc / R : 1;
   static_assert(BK % KG == 0, "a pass's keys stay in the block");
@@ -624,6 +627,7 @@ FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, in
     const TK* kr[KG];
     for (int t = 0; t < KG; ++t) kr[t] = k + (j + t < nk ? j + t : nk - 1) * ldk;
     for (int t = 0; t < KG && j + t < npf; ++t) prefetch(pf + (j + t) * ldk, D);
+    for (int t = 0; t < KG && j + t < npv; ++t) prefetch(pv + (j + t) * ldv, dv);
     vf16 acc[R][KG];
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < KG; ++t) acc[r][t] = vf16{};

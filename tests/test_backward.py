@@ -62,6 +62,14 @@ def test_lengths(rng, dtype, Lq, Lk, causal):
     grad_check(rng, dtype, Lq=Lq, Lk=Lk, causal=causal)
 
 
+# A scale of any sign (at -4 the scores span about +-100).
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale", [-4.0, 0.0])
+@pytest.mark.parametrize("causal", [False, True])
+def test_nonpositive_scale(rng, dtype, scale, causal):
+    grad_check(rng, dtype, Lq=150, Lk=170, scale=scale, causal=causal)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("window", [(0, 0), (8, 0), (5, 3), (-1, 4), (16, -1)])
 def test_window(rng, dtype, window):

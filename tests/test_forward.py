@@ -48,6 +48,15 @@ def test_window(rng, dtype, window, causal):
     run_and_check(rng, dtype, Lq=150, Lk=170, window_size=window, causal=causal)
 
 
+# A scale of any sign: at -4 the scores span about +-100, so a softmax
+# taking the wrong extreme as its maximum overflows.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale", [-4.0, -0.1, 0.0])
+@pytest.mark.parametrize("causal", [False, True])
+def test_nonpositive_scale(rng, dtype, scale, causal):
+    run_and_check(rng, dtype, Lq=150, Lk=170, scale=scale, causal=causal)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("Hq,Hk", [(8, 8), (8, 2), (8, 1), (6, 3)])
 def test_gqa(rng, dtype, Hq, Hk):

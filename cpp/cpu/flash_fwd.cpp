@@ -369,8 +369,8 @@ struct Task {
   // scaled, or still to be scaled by `raw`) -> P, put by emit
   // (softmax_update): score modifiers, the online softmax update, then
   // dropout (after the running sum: l normalises the undropped softmax; it
-  // needs P over S). A plain block takes `raw` in the softmax's own
-  // multiply-add, other blocks in a pass before their modifiers.
+  // needs P over S). `raw` goes into the softmax's own multiply-add, or
+  // (prescale) a pass before the modifiers.
   template <typename Emit>
   void probabilities(int b, const Seq& sq, int h0, int nqh, long i0, int nq, long j0, int nk,
                      float* s, float* m, float* l, float* alpha, const Emit& emit,
@@ -379,17 +379,20 @@ struct Task {
     // the per-row work below (most blocks of most calls).
     long beg, end;
     keys_seen_by_all(p, sq, i0, i0 + nqh, &beg, &end);
-    const bool plain = p.softcap == 0.0f && !p.has_alibi && p.mask_kind == FA_MASK_NONE &&
-                       nk == BK && j0 >= beg && j0 + BK <= end;
+    const bool modified = p.softcap != 0.0f || p.has_alibi || p.mask_kind != FA_MASK_NONE;
+    const bool plain = !modified && nk == BK && j0 >= beg && j0 + BK <= end;
+    // S scaled before the per-row work where that adds to it or caps it; the
+    // limits alone (-inf) commute with a positive scale: the softmax applies it.
+    const bool prescale = raw != 1.0f && !plain && (modified || !(raw > 0.0f));
     for (int r = 0; r < nq && !plain; ++r) {
       const int h = h0 + r / nqh;
       const float slope = p.has_alibi ? per_head(a.alibi, p.alibi_strides, b, h) : 0.0f;
-      if (raw != 1.0f)
+      if (prescale)
         for (int c = 0; c < BK; c += 16) store16(s + r * BK + c, load16(s + r * BK + c) * raw);
       if (p.softcap > 0.0f) apply_softcap(p, s + r * BK, nk);
       apply_bias_and_mask(p, sq, a.mask, b, h, i0 + r % nqh, j0, nk, slope, s + r * BK);
     }
-    softmax_update(nq, s, m, l, alpha, emit, plain ? raw : 1.0f);
+    softmax_update(nq, s, m, l, alpha, emit, prescale ? 1.0f : raw);
     if (p.dropout_p > 0.0f)
       for (int r = 0; r < nq; ++r) dropout_row(p, b, h0 + r / nqh, i0 + r % nqh, j0, nk, s + r * BK);
   }
@@ -433,15 +436,19 @@ struct Task {
   // so the alphas take one vector exp2 per 16 rows, not a serial one per row.
   // emit(i, c, e0, e1) puts P[i][c, c + 32) (POverS: over S; the bfloat16
   // forward rounds it into its GEMM operand instead). S is scaled by raw
-  // (> 0) here, in the maxima and the exponent's multiply-add.
+  // here (any sign; no -inf in S unless raw > 0), in the maxima and the
+  // exponent's multiply-add.
   template <typename Emit>
   void softmax_update(int nq, float* s, float* m, float* l, float* alpha, const Emit& emit,
                       float raw) const {
+    const vf16 sign = splat(raw < 0.0f ? -1.0f : 1.0f);
     for (int i = 0; i < nq; ++i) {
       const float* row = s + i * BK;
-      vf16 mv = load16(row);
-      for (int c = 16; c < BK; c += 16) mv = vmax(mv, load16(row + c));
-      const float mx = hmax(mv) * raw;
+      // The largest raw x S: at S's maximum, or its minimum where raw < 0
+      // (a negative scale, which otherwise overflowed exp to NaN).
+      vf16 mv = load16(row) * sign;
+      for (int c = 16; c < BK; c += 16) mv = vmax(mv, load16(row + c) * sign);
+      const float mx = hmax(mv) * fabsf(raw);
       const float m_new = mx > m[i] ? mx : m[i];
       alpha[i] = m_new == -INFINITY ? 0.0f : (m[i] - m_new) * kLog2e; // exp2: 1 or 0 from -inf
       m[i] = m_new;

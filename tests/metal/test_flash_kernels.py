@@ -99,9 +99,11 @@ OPTIONS = {
     "bool_mask": lambda rng, B, H, Lq, Lk: dict(mask=mx.array(rng.random((B, 1, Lq, Lk)) < 0.7)),
     "additive_mask": lambda rng, B, H, Lq, Lk: dict(mask=mx.array(rng.standard_normal((Lq, Lk)).astype(np.float32))),
     "scale": lambda rng, B, H, Lq, Lk: dict(scale=0.3),
+    "negative_scale": lambda rng, B, H, Lq, Lk: dict(scale=-4.0, causal=True),
 }
-FC_OF = {"causal": "WINDOW", "window": "WINDOW", "window_left": "WINDOW", "softcap": "SOFTCAP",
-         "alibi": "ALIBI", "sinks": "SINKS", "bool_mask": "MASK_BOOL", "additive_mask": "MASK_ADD"}
+FC_OF = {"causal": "WINDOW", "negative_scale": "WINDOW", "window": "WINDOW",
+         "window_left": "WINDOW", "softcap": "SOFTCAP", "alibi": "ALIBI", "sinks": "SINKS",
+         "bool_mask": "MASK_BOOL", "additive_mask": "MASK_ADD"}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

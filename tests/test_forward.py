@@ -53,8 +53,9 @@ def test_window(rng, dtype, window, causal):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("scale", [-4.0, -0.1, 0.0])
 @pytest.mark.parametrize("causal", [False, True])
-def test_nonpositive_scale(rng, dtype, scale, causal):
-    run_and_check(rng, dtype, Lq=150, Lk=170, scale=scale, causal=causal)
+@pytest.mark.parametrize("Lq,Lk", [(150, 170), (1, 300)])
+def test_nonpositive_scale(rng, dtype, scale, causal, Lq, Lk):
+    run_and_check(rng, dtype, Lq=Lq, Lk=Lk, scale=scale, causal=causal)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

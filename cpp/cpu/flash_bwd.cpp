@@ -582,19 +582,16 @@ struct Backward {
     for (long i = sq.qrows_begin; i < sq.qrows_end; ++i) {
       const T* o = static_cast<const T*>(a.fwd.out) + row_index(b, h, i) * p.Dv;
       const T* dorow = do_row(b, h, i);
-      // 16 partial sums (one serial chain of adds was 2% of a causal
-      // 1024-token bfloat16 backward), in the same order for any stride of
-      // dO (a broadcast one, from a sum's gradient, gives the same result).
-      const fa_index_t st = p.do_strides[3];
+      // dO's row as float32 (any stride: a broadcast dO, from a sum's
+      // gradient, sums in the same order), then 16 partial sums (one serial
+      // chain of adds was 2% of a causal 1024-token bfloat16 backward).
+      float dof[FA_MAX_HEAD_DIM];
+      load_row(dorow, p.do_strides[3], p.Dv, 1.0f, dof);
       vf16 part = vf16{};
       int d = 0;
-      for (; d + 16 <= p.Dv; d += 16) {
-        float x[16];
-        for (int t = 0; t < 16 && st != 1; ++t) x[t] = to_float(dorow[(d + t) * st]);
-        part += (st == 1 ? load16(dorow + d) : load16(x)) * load16(o + d);
-      }
+      for (; d + 16 <= p.Dv; d += 16) part += load16(dof + d) * load16(o + d);
       float acc = hsum(part);
-      for (; d < p.Dv; ++d) acc += to_float(dorow[d * st]) * to_float(o[d]);
+      for (; d < p.Dv; ++d) acc += dof[d] * to_float(o[d]);
       const float dl = a.dlse[b * p.dlse_strides[0] + h * p.dlse_strides[1] +
                               i * p.dlse_strides[2]];
       out[row_index(b, h, i)] = acc - dl;

@@ -382,7 +382,8 @@ struct Task {
     const bool modified = p.softcap != 0.0f || p.has_alibi || p.mask_kind != FA_MASK_NONE;
     const bool plain = !modified && nk == BK && j0 >= beg && j0 + BK <= end;
     // S scaled before the per-row work where that adds to it or caps it; the
-    // limits alone (-inf) commute with a positive scale: the softmax applies it.
+    // limits alone (-inf) commute with a positive scale: the softmax applies
+    // it (raw = 0 would make -inf x 0 = NaN there).
     const bool prescale = raw != 1.0f && !plain && (modified || !(raw > 0.0f));
     for (int r = 0; r < nq && !plain; ++r) {
       const int h = h0 + r / nqh;
@@ -436,19 +437,16 @@ struct Task {
   // so the alphas take one vector exp2 per 16 rows, not a serial one per row.
   // emit(i, c, e0, e1) puts P[i][c, c + 32) (POverS: over S; the bfloat16
   // forward rounds it into its GEMM operand instead). S is scaled by raw
-  // here (any sign; no -inf in S unless raw > 0), in the maxima and the
-  // exponent's multiply-add.
+  // (>= 0: the maxima of raw x S are S's; no -inf in S unless raw > 0)
+  // here, in the maxima and the exponent's multiply-add.
   template <typename Emit>
   void softmax_update(int nq, float* s, float* m, float* l, float* alpha, const Emit& emit,
                       float raw) const {
-    const vf16 sign = splat(raw < 0.0f ? -1.0f : 1.0f);
     for (int i = 0; i < nq; ++i) {
       const float* row = s + i * BK;
-      // The largest raw x S: at S's maximum, or its minimum where raw < 0
-      // (a negative scale, which otherwise overflowed exp to NaN).
-      vf16 mv = load16(row) * sign;
-      for (int c = 16; c < BK; c += 16) mv = vmax(mv, load16(row + c) * sign);
-      const float mx = hmax(mv) * fabsf(raw);
+      vf16 mv = load16(row);
+      for (int c = 16; c < BK; c += 16) mv = vmax(mv, load16(row + c));
+      const float mx = hmax(mv) * raw;
       const float m_new = mx > m[i] ? mx : m[i];
       alpha[i] = m_new == -INFINITY ? 0.0f : (m[i] - m_new) * kLog2e; // exp2: 1 or 0 from -inf
       m[i] = m_new;
@@ -547,12 +545,15 @@ struct Bf16Task {
       m[i] = -INFINITY;
       store16(l + i * 16, vf16{});
     }
-    // Q rows as raw bfloat16; the scale is applied to S in float32 (by the
-    // softmax, see probabilities).
+    // Q rows as raw bfloat16; the scale's magnitude is applied to S in
+    // float32 (by the softmax, see probabilities), its sign here (exact in
+    // bfloat16: the sign bit), so the softmax's maxima stay S's maxima.
+    const uint16_t sign = p.scale < 0.0f ? 0x8000 : 0;
+    const float raw = fabsf(p.scale);
     for (int r = 0; r < nq && kbeg < kend; ++r) {
       const uint16_t* q = static_cast<const uint16_t*>(a.q) + b * p.q_strides[0] +
                           (h0 + r / nqh) * p.q_strides[1] + (i0 + r % nqh) * p.q_strides[2];
-      for (int d = 0; d < p.D; ++d) q16[r * dp + d] = q[d * p.q_strides[3]];
+      for (int d = 0; d < p.D; ++d) q16[r * dp + d] = q[d * p.q_strides[3]] ^ sign;
     }
     const size_t head = size_t(p.packed ? 0 : b) * p.Hk + hk - first;
     const uint16_t* kt = kpack + head * k_elems();
@@ -578,13 +579,13 @@ struct Bf16Task {
       scores(j0 + BK, s_next);
       if (p.dropout_p > 0.0f) {
         base.probabilities(b, sq, h0, nqh, i0, nq, j0, nk, s, m, l, alpha, Task<bf16_t>::POverS{s},
-                           p.scale);
+                           raw);
         for (int r = 0; r < nq; ++r) to_bf16(s + r * BK, BK, p16 + r * BK);
       } else { // P rounded as it is made
         base.probabilities(b, sq, h0, nqh, i0, nq, j0, nk, s, m, l, alpha,
                            [p16](int i, int c, vf16 e0, vf16 e1) {
                              _mm512_storeu_si512(p16 + i * BK + c, to_bf16x32(e0, e1));
-                           }, p.scale);
+                           }, raw);
       }
       gemm_ab_add(p16, nq, vp, dvp, j0, dvp, alpha, o, dvp, pv, keys(j0, 2)); // O = alpha O + P V
       float* done = s;

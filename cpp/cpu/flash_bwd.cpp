@@ -252,7 +252,7 @@ struct Backward {
     const int D = p.D, Dp = pad16(D);
     T* dq = static_cast<T*>(a.dq) + row_index(b, h, i0) * D;
     for (int i = 0; i < nq; ++i)
-      for (int d = 0; d < D; ++d) dq[i * D + d] = from_float<T>(dqa[i * Dp + d] * p.scale);
+      store_row(dqa + i * Dp, D, p.scale, dq + i * D);
     double dsink = 0.0;
     if (a.dsinks) { // d lse / d sink = P_sink; the sink carries no value
       const float sink = per_head(a.fwd.sinks, p.sinks_strides, b, h);
@@ -478,8 +478,8 @@ struct Backward {
     T* dk = static_cast<T*>(a.dk) + kv_row * D;
     T* dv = static_cast<T*>(a.dv) + kv_row * Dv;
     for (int j = 0; j < nk; ++j) {
-      for (int d = 0; d < D; ++d) dk[j * D + d] = from_float<T>(dka[j * Dp + d] * dk_scale);
-      for (int d = 0; d < Dv; ++d) dv[j * Dv + d] = from_float<T>(dva[j * dvp + d]);
+      store_row(dka + j * Dp, D, dk_scale, dk + j * D);
+      store_row(dva + j * dvp, Dv, 1.0f, dv + j * Dv);
     }
   }
 

@@ -496,7 +496,7 @@ struct Task {
         mi = m_new;
       }
       const float inv = li > 0.0f ? corr / li : 0.0f;
-      for (int d = 0; d < Dv; ++d) out[i * Dv + d] = from_float<T>(o[i * dvp + d] * inv);
+      store_row(o + i * dvp, Dv, inv, out + i * Dv);
       lse[i] = li > 0.0f ? mi + logf(li) : -INFINITY;
     }
   }

@@ -262,3 +262,21 @@ def test_training_matches_mlx_sdpa():
         q, k, v, scale=q.shape[-1] ** -0.5, mask="causal"))
     assert ours[-1] < ours[0]
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+
+
+# As test_16bit_outputs_rounded_to_nearest (test_forward.py), for dV = P^T dO
+# (dQ and dK go through Delta = rowsum(dO * O), where O is the 16-bit
+# output: not float32's; all three are written by the same conversion).
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_16bit_grads_rounded_to_nearest(rng, dtype, causal):
+    if dtype == mx.bfloat16 and fa.cpu_isa() in ("avx512-bf16", "avx512-amx"):
+        pytest.skip("bfloat16 runs on bfloat16 dot products in this build")
+    q, k, v, do = (rand(rng, (1, 4, n, 64), dtype) for n in (150, 170, 170, 150))
+
+    def dv(*xs):
+        f = lambda q, k, v: fa.attention(q, k, v, causal=causal)
+        return mx.vjp(f, list(xs[:3]), [xs[3]])[1][2]
+
+    same = np.array(dv(q, k, v, do) == dv(*(x.astype(mx.float32) for x in (q, k, v, do))).astype(dtype))
+    assert same.mean() > 0.99, f"{same.mean():.3f} of dV rounded as float32's"

@@ -340,3 +340,22 @@ def test_return_types_round_trip(rng):
     # Outputs feed back into MLX ops and into the extension again.
     again = fa.attention(out, out, out)
     mx.eval(again + 1)
+
+
+# The 16-bit dtypes on float32 arithmetic (float16 everywhere, bfloat16 in
+# the builds without bfloat16 dot products) compute what the float32
+# kernels compute from the exactly widened inputs: their outputs are those
+# results rounded to nearest even, all but the rare element that float32
+# rounding moves across a tie. A conversion that truncated, or rounded ties
+# away, would miss about half of them.
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Lq,Lk,D", [(150, 170, 64), (1, 300, 80)])
+def test_16bit_outputs_rounded_to_nearest(rng, dtype, causal, Lq, Lk, D):
+    if dtype == mx.bfloat16 and fa.cpu_isa() in ("avx512-bf16", "avx512-amx"):
+        pytest.skip("bfloat16 runs on bfloat16 dot products in this build")
+    q, k, v = (rand(rng, (1, 4, n, D), dtype) for n in (Lq, Lk, Lk))
+    out = fa.attention(q, k, v, causal=causal)
+    out32 = fa.attention(*(x.astype(mx.float32) for x in (q, k, v)), causal=causal)
+    same = np.array(out == out32.astype(dtype))
+    assert same.mean() > 0.99, f"{same.mean():.3f} of the outputs rounded as float32's"

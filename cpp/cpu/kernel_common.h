@@ -338,11 +338,22 @@ inline void load_row(const T* src, fa_index_t stride, int n, float mul, float* d
 // Writes n floats times mul at dst as T, rounded as from_float rounds, 8
 // per step for the 16-bit types (float16 one by one, through F16C's scalar
 // conversion, left a causal 256-token float16 forward and backward 6-7%
-// slower; GCC already vectorised bfloat16's, written here in vectors too).
+// slower). bfloat16 with AVX512-BF16: VCVTNE2PS2BF16, 32 per instruction
+// (causal 256 tokens: forward 3%, backward 1% faster than 8 per step), the
+// same rounding except that it flushes float32 denormals (below 1.2e-38)
+// to zero, as in P's rounding.
 template <typename T>
 inline void store_row(const float* src, int n, float mul, T* dst) {
   int d = 0;
   if constexpr (is_bf16<T>) {
+#if defined(__AVX512BF16__)
+    for (; d + 32 <= n; d += 32) {
+      const __m512 m = _mm512_set1_ps(mul);
+      const __m512 lo = _mm512_mul_ps(_mm512_loadu_ps(src + d), m);
+      const __m512 hi = _mm512_mul_ps(_mm512_loadu_ps(src + d + 16), m);
+      _mm512_storeu_si512(dst + d, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+#endif
     typedef uint16_t vu16x8 __attribute__((vector_size(16)));
     typedef uint32_t vu32x8 __attribute__((vector_size(32)));
     for (; d + 8 <= n; d += 8) {

@@ -14,6 +14,9 @@ TOL = {mx.float32: 2e-5, mx.float16: 4e-3, mx.bfloat16: 3e-2}
 # forward output, hence slightly looser half-precision bounds.
 GRAD_TOL = {mx.float32: 2e-5, mx.float16: 5e-3, mx.bfloat16: 4e-2}
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+# CPU builds (mlx_flash_attn.cpu_isa()) whose bfloat16 GEMMs run on bfloat16
+# dot products, rounding P to bfloat16; the others widen bfloat16 to float32.
+BF16_DOT_ISAS = ("avx512-bf16", "avx512-amx")
 
 
 def to64(x):

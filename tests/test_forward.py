@@ -252,13 +252,17 @@ def test_non_contiguous_inputs(rng, dtype, v_cols):
 # tail, key counts a partial group. K rows of unit stride are read in
 # place (16-bit ones converted in registers), strided ones copied first; V
 # rows in place where D is a multiple of 16 (48: three 16-column chunks).
+# With 2 or 4 query heads per K/V head, bfloat16 rows go 2 or 4 at a time
+# (Bf16Dot::group_sums) in chunks of 16 or 8 elements: D 1, 7, 20 and 100
+# end in a partial one (3 query rows x 2 heads: a group of 4, then of 2).
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", [1, 7, 20, 48, 100])
 @pytest.mark.parametrize("Lq", [1, 3])
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
-def test_few_rows_odd_head_dims(rng, dtype, D, Lq, strided):
+@pytest.mark.parametrize("Hq", [2, 4, 8], ids=["mha", "gqa2", "gqa4"])
+def test_few_rows_odd_head_dims(rng, dtype, D, Lq, strided, Hq):
     B, H, Lk = 2, 2, 77
-    q = rand(rng, (B, H, Lq, D), dtype)
+    q = rand(rng, (B, Hq, Lq, D), dtype)
     k = rand(rng, (B, H, Lk, 2 * D if strided else D), dtype)
     k = k[..., ::2] if strided else k
     v = rand(rng, (B, H, Lk, D), dtype)

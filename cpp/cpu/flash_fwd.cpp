@@ -161,7 +161,8 @@ struct Task {
     // they are not read in place; one S/P block, and P as bfloat16 (pb).
     const size_t rows = size_t(nb) * BQ;
     float *qf, *kr, *vf, *s, *o, *m, *l, *alpha, *pb;
-    carve_scratch({{&qf, rows * D}, {&kr, size_t(D) * BK}, {&vf, size_t(BK) * dvp},
+    const int dq = (D + 15) / 16 * 16; // q16's row stride (below)
+    carve_scratch({{&qf, rows * D}, {&kr, size_t(dq) * BK}, {&vf, size_t(BK) * dvp},
                    {&s, size_t(BQ) * BK}, {&o, rows * dvp}, {&m, rows}, {&l, rows * 16},
                    {&alpha, rows}, {&pb, size_t(BQ) * BK / 2}});
 
@@ -198,15 +199,20 @@ struct Task {
     const bool v_ahead = stream && k_rows && v_rows;
 #if defined(FA_BF16_DOT)
     // bfloat16 K rows in place meet Q's rows as they are (Bf16Dot), in kr,
-    // which holds no K here.
+    // which holds no K here: dq apart, for_row_blocks' blocks of rows that
+    // Bf16Dot groups packed for its group_sums.
     const bool k_pairs = is_bf16<T> && k_rows;
     bf16_t* q16 = reinterpret_cast<bf16_t*>(kr);
     for (int r = 0; k_pairs && r < blk[0].nq; ++r) {
       const uint16_t* row = static_cast<const uint16_t*>(a.q) + b * p.q_strides[0] +
                             (h0 + r / blk[0].nqh) * p.q_strides[1] +
                             (blk[0].i0 + r % blk[0].nqh) * p.q_strides[2];
-      for (int d = 0; d < D; ++d) q16[r * D + d] = bf16_t{row[d * p.q_strides[3]]};
+      for (int d = 0; d < D; ++d) q16[r * dq + d] = bf16_t{row[d * p.q_strides[3]]};
     }
+    if (k_pairs)
+      for_row_blocks(blk[0].nq, [&]<int R>(int i) {
+        if constexpr (Bf16Dot::groups(R)) Bf16Dot::pack_rows<R>(q16 + i * dq, dq, D);
+      });
     // V's rows in place meet P rounded to bfloat16 (p16), as in Bf16Task
     // (dot_rows<..., kRows>).
     const bool v_pairs = is_bf16<T> && v_rows;
@@ -250,21 +256,22 @@ struct Task {
         };
         const int npf = stream ? rows_from(j0 + BK) : 0, npv = v_ahead ? rows_from(jv) : 0;
         const T* pv = npv ? v + jv * p.v_strides[2] : nullptr;
-        auto scores = [&](auto dot, const auto* qb, const auto* kb, long ld, float scale, int np) {
+        auto scores = [&](auto dot, const auto* qb, int ldq, const auto* kb, long ld, float scale,
+                          int np) {
           for_row_blocks(q.nq, [&]<int R>(int i) {
-            qk_keys<R>(dot, qb + i * D, D, kb, ld, D, nk, scale, s + i * BK,
+            qk_keys<R>(dot, qb + i * ldq, ldq, kb, ld, D, nk, scale, s + i * BK,
                        np ? kb + BK * ld : nullptr, i == 0 ? np : 0, pv, p.v_strides[2], Dv,
                        i == 0 ? npv : 0);
           });
         };
         if (k_pairs) {
 #if defined(FA_BF16_DOT)
-          if constexpr (is_bf16<T>) scores(Bf16Dot{}, q16, k + j0 * ldk, ldk, p.scale, npf);
+          if constexpr (is_bf16<T>) scores(Bf16Dot{}, q16, dq, k + j0 * ldk, ldk, p.scale, npf);
 #endif
         } else if (k_rows)
-          scores(FloatDot{}, qrows, k + j0 * ldk, ldk, 1.0f, npf);
+          scores(FloatDot{}, qrows, D, k + j0 * ldk, ldk, 1.0f, npf);
         else if (decoding)
-          scores(FloatDot{}, qrows, kr, D, 1.0f, 0);
+          scores(FloatDot{}, qrows, D, kr, D, 1.0f, 0);
         else
           for_row_blocks(q.nq, [&]<int R>(int i) {
             int c0, c1;

@@ -633,6 +633,7 @@ inline vf8 lane_sums(const vf8 (&a)[8]) {
 // bfloat16 pairs' step.)
 struct FloatDot {
   static constexpr int kStep = 16;
+  static constexpr bool groups(int) { return false; } // see Bf16Dot
   template <typename T>
   static vf16 load(const T* p) { return load16(p); }
   static vf16 madd(vf16 acc, vf16 q, vf16 k) { return acc + q * k; }
@@ -644,52 +645,71 @@ struct FloatDot {
 // KG keys per pass over d, so each K vector loaded serves R rows: R x KG
 // accumulators, as many as fit in registers beside the operands (16 zmm with
 // AVX-512, 4 vf16 = 8 ymm otherwise). Their sums come out 8 at a time
-// (lane_sums). Columns [nk, round_up(nk, KG)) repeat key nk - 1, for the
-// masks to hide. Each pass prefetches KG of the npf rows from pf (K's
-// rows ldk apart, D long) and KG of the npv rows from pv (V's, ldv apart,
-// dv long), rows streamed from memory (see Task::run): spread over the
-// work, where a burst of them stalled on the fill buffers (2 threads,
-// 4k-32k keys: 2-21% faster).
+// (lane_sums). Where Dot groups R rows (Bf16Dot::groups), q holds them
+// packed and Dot computes their passes. Columns [nk, round_up(nk, KG))
+// repeat key nk - 1, for the masks to hide. Each pass prefetches KG of the
+// npf rows from pf (K's rows ldk apart, D long) and KG of the npv rows from
+// pv (V's, ldv apart, dv long), rows streamed from memory (see Task::run):
+// spread over the work, where a burst of them stalled on the fill buffers
+// (2 threads, 4k-32k keys: 2-21% faster).
 template <int R, typename Dot, typename TQ, typename TK, typename TV = TK>
 FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, int nk, float scale,
                      float* s, const TK* pf = nullptr, int npf = 0, const TV* pv = nullptr,
                      long ldv = 0, int dv = 0, int npv = 0) {
-  constexpr int kAcc = ROWS * CHUNK >= 16 ? 16 : 4;
-  constexpr int KG = kAcc / R > 1 ? kAcc / R : 1;
-  static_assert(BK % KG == 0, "a pass's keys stay in the block");
-  const int Dn = D / Dot::kStep * Dot::kStep;
-  for (int j = 0; j < nk; j += KG) {
-    const TK* kr[KG];
-    for (int t = 0; t < KG; ++t) kr[t] = k + (j + t < nk ? j + t : nk - 1) * ldk;
-    for (int t = 0; t < KG && j + t < npf; ++t) prefetch(pf + (j + t) * ldk, D);
-    for (int t = 0; t < KG && j + t < npv; ++t) prefetch(pv + (j + t) * ldv, dv);
-    vf16 acc[R][KG];
+  // A pass over keys [j, j + G): their rows and prefetches, then its sums
+  // (sums[r * G + t]: row r, key j + t) into S.
+  auto keys = [&]<int G>(int j, const TK* (&kr)[G]) {
+    static_assert(BK % G == 0, "a pass's keys stay in the block");
+    for (int t = 0; t < G; ++t) kr[t] = k + (j + t < nk ? j + t : nk - 1) * ldk;
+    for (int t = 0; t < G && j + t < npf; ++t) prefetch(pf + (j + t) * ldk, D);
+    for (int t = 0; t < G && j + t < npv; ++t) prefetch(pv + (j + t) * ldv, dv);
+  };
+  auto store = [&](int j, int G, const float* sums) {
     for (int r = 0; r < R; ++r)
-      for (int t = 0; t < KG; ++t) acc[r][t] = vf16{};
-    for (int d = 0; d < Dn; d += Dot::kStep) {
-      decltype(Dot::load(k)) kv[KG];
-      for (int t = 0; t < KG; ++t) kv[t] = Dot::load(kr[t] + d);
-      for (int r = 0; r < R; ++r) {
-        const auto qv = Dot::load(q + r * ldq + d);
-        for (int t = 0; t < KG; ++t) acc[r][t] = Dot::madd(acc[r][t], qv, kv[t]);
-      }
+      for (int t = 0; t < G; ++t) s[r * BK + j + t] = sums[r * G + t] * scale;
+  };
+  if constexpr (Dot::groups(R)) { // q: the R rows packed by Dot::pack_rows
+    for (int j = 0; j < nk; j += Dot::kGroupKeys) {
+      const TK* kr[Dot::kGroupKeys];
+      keys(j, kr);
+      float sums[R * Dot::kGroupKeys];
+      Dot::template group_sums<R>(q, D, kr, sums);
+      store(j, Dot::kGroupKeys, sums);
     }
-    float sums[(R * KG + 7) / 8 * 8];
-    for (int g = 0; g < R * KG; g += 8) {
-      vf8 h[8];
-      for (int u = 0; u < 8; ++u) {
-        const int i = g + u < R * KG ? g + u : 0; // a partial group's rest: ignored
-        h[u] = fold8(acc[i / KG][i % KG]);
-      }
-      const vf8 x = lane_sums(h);
-      memcpy(sums + g, &x, sizeof(x));
-    }
-    for (int d = Dn; d < D; ++d)
+  } else {
+    constexpr int kAcc = ROWS * CHUNK >= 16 ? 16 : 4;
+    constexpr int KG = kAcc / R > 1 ? kAcc / R : 1;
+    const int Dn = D / Dot::kStep * Dot::kStep;
+    for (int j = 0; j < nk; j += KG) {
+      const TK* kr[KG];
+      keys(j, kr);
+      vf16 acc[R][KG];
       for (int r = 0; r < R; ++r)
-        for (int t = 0; t < KG; ++t)
-          sums[r * KG + t] += to_float(q[r * ldq + d]) * to_float(kr[t][d]);
-    for (int r = 0; r < R; ++r)
-      for (int t = 0; t < KG; ++t) s[r * BK + j + t] = sums[r * KG + t] * scale;
+        for (int t = 0; t < KG; ++t) acc[r][t] = vf16{};
+      for (int d = 0; d < Dn; d += Dot::kStep) {
+        decltype(Dot::load(k)) kv[KG];
+        for (int t = 0; t < KG; ++t) kv[t] = Dot::load(kr[t] + d);
+        for (int r = 0; r < R; ++r) {
+          const auto qv = Dot::load(q + r * ldq + d);
+          for (int t = 0; t < KG; ++t) acc[r][t] = Dot::madd(acc[r][t], qv, kv[t]);
+        }
+      }
+      float sums[(R * KG + 7) / 8 * 8];
+      for (int g = 0; g < R * KG; g += 8) {
+        vf8 h[8];
+        for (int u = 0; u < 8; ++u) {
+          const int i = g + u < R * KG ? g + u : 0; // a partial group's rest: ignored
+          h[u] = fold8(acc[i / KG][i % KG]);
+        }
+        const vf8 x = lane_sums(h);
+        memcpy(sums + g, &x, sizeof(x));
+      }
+      for (int d = Dn; d < D; ++d)
+        for (int r = 0; r < R; ++r)
+          for (int t = 0; t < KG; ++t)
+            sums[r * KG + t] += to_float(q[r * ldq + d]) * to_float(kr[t][d]);
+      store(j, KG, sums);
+    }
   }
 }
 

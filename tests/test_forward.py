@@ -33,6 +33,15 @@ def test_shapes(rng, dtype, D, Lq, Lk):
     run_and_check(rng, dtype, B=1, Hq=2, Hk=2, Lq=Lq, Lk=Lk, D=D)
 
 
+# Decoding with 2 and 4 query heads per K/V head at every head dim: the
+# CPU kernel's bfloat16 rows go 2 or 4 at a time (Bf16Dot::group_sums).
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("Hq", [4, 8], ids=["gqa2", "gqa4"])
+def test_gqa_decode_head_dims(rng, dtype, D, Hq):
+    run_and_check(rng, dtype, B=2, Hq=Hq, Hk=2, Lq=1, Lk=150, D=D)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("Lq,Lk", LENGTHS)
 def test_causal(rng, dtype, Lq, Lk):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import mlx_flash_attn as fa
-from reference import (BF16_DOT_ISAS, DTYPES, assert_close, assert_grad_close, rand, reference, to64, to_torch,
-                       torch_attention)
+from reference import (BF16_DOT_ISAS, DTYPES, assert_close, assert_grad_close, rand, reference,
+                       to64, to_torch, torch_attention)
 
 torch = pytest.importorskip("torch")
 

@@ -367,61 +367,75 @@ struct Bf16Dot {
   static __m512i load(const bf16_t* p) { return _mm512_loadu_si512(p); }
   static vf16 madd(vf16 acc, __m512i q, __m512i k) { return vf16(dot2(__m512(acc), q, k)); }
 
-  // R = 2 or 4 rows at once (GQA groups decoding), packed by pack_rows:
-  // 512 / R bits of vector c hold row r's elements [W c, W c + W), W =
-  // 32 / R, so one product serves the R rows against W of a key's elements
-  // broadcast R times, and a key's R sums take a 16 / R-lane reduction,
-  // not a 16-lane one per row (decoding, 4k keys, one thread: 32/8 heads D
-  // 128 5-7% faster, D 64 11%, D 80 1.7x, whose last 16 elements went one
-  // by one; 16/8 heads D 64 and 128 12-18%). R rows of D elements take
-  // round_up(D, W) x R packed, zeros past D.
+  // R = 2 or 4 rows at once (GQA groups decoding), packed by pack_rows in
+  // pairs: the 256-bit half h of a pair's vector c holds row h's elements
+  // [16 c, 16 c + 16), so one product serves 2 rows against 16 of a key's
+  // elements broadcast twice (4 rows: both pairs against one broadcast),
+  // and a key's sums take an 8-lane reduction per pair, not a 16-lane one
+  // per row (decoding, 4k keys, one thread: 16/8 heads D 64 and 128 12-18%
+  // faster). 4 rows as 2 pairs, not a 128-bit part per row, take half the
+  // broadcasts for 2 more shuffles per key (32/8 heads: D 128 5%, D 256 5%,
+  // D 64 3% faster). A pair of rows of D elements takes round_up(D, 16) x 2
+  // packed, zeros past D.
   static constexpr bool groups(int R) { return R == 2 || R == 4; }
   static constexpr int kGroupKeys = 4;
-  // Packs the R rows at q (ld apart, ld >= round_up(D, 32 / R)) in place.
+  // Packs the R rows at q (ld apart, ld >= round_up(D, 16)) in place, in pairs.
   template <int R>
   static void pack_rows(bf16_t* q, int ld, int D) {
-    constexpr int W = 32 / R;
-    uint16_t rows[R][FA_MAX_HEAD_DIM + W] = {};
-    for (int r = 0; r < R; ++r) memcpy(rows[r], q + r * ld, sizeof(uint16_t) * D);
-    for (int c = 0; c < (D + W - 1) / W; ++c)
-      for (int r = 0; r < R; ++r) memcpy(q + 32 * c + W * r, rows[r] + W * c, sizeof(uint16_t) * W);
+    uint16_t rows[2][FA_MAX_HEAD_DIM + 16] = {};
+    for (int p = 0; p < R; p += 2) {
+      bf16_t* x = q + p * ld;
+      for (int r = 0; r < 2; ++r) memcpy(rows[r], x + r * ld, sizeof(uint16_t) * D);
+      for (int c = 0; c < (D + 15) / 16; ++c)
+        for (int r = 0; r < 2; ++r) memcpy(x + 32 * c + 16 * r, rows[r] + 16 * c, sizeof(uint16_t) * 16);
+    }
   }
-  // sums[r * 4 + t] = row r . key t of the R packed rows q and keys
-  // kr[0..4), as 2 x 4 chains of products (even and odd vectors of q).
+  // sums[r * 4 + t] = row r . key t of the R rows packed at q (pairs 2 ld
+  // apart) and keys kr[0..4): 2 x 4 chains of products (4 rows: one per
+  // pair; 2 rows: even and odd vectors).
   template <int R>
-  static void group_sums(const bf16_t* q, int D, const bf16_t* const* kr, float* sums) {
-    constexpr int W = 32 / R;
-    // W elements of a key broadcast (n < W: a row's last ones, not past it).
+  static void group_sums(const bf16_t* q, int ld, int D, const bf16_t* const* kr, float* sums) {
+    // 16 elements of a key broadcast (n < 16: a row's last ones, not past it).
     auto key = [](const bf16_t* p, int n) {
-      if constexpr (R == 4)
-        return _mm512_broadcast_i32x4(n == W ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
-                                             : _mm_maskz_loadu_epi16(__mmask8((1u << n) - 1), p));
-      else
-        return _mm512_broadcast_i64x4(
-            n == W ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                   : _mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p));
+      return _mm512_broadcast_i64x4(n == 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                            : _mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p));
     };
     __m512 acc[2][4];
     for (int t = 0; t < 4; ++t) acc[0][t] = acc[1][t] = _mm512_setzero_ps();
     auto step = [&](int c, __m512* a, int n) {
-      const __m512i qv = _mm512_loadu_si512(q + 32 * c);
-      for (int t = 0; t < 4; ++t) a[t] = dot2(a[t], qv, key(kr[t] + W * c, n));
+      const __m512i q0 = _mm512_loadu_si512(q + 32 * c);
+      if constexpr (R == 4) {
+        const __m512i q1 = _mm512_loadu_si512(q + 2 * ld + 32 * c);
+        for (int t = 0; t < 4; ++t) {
+          const __m512i k = key(kr[t] + 16 * c, n);
+          acc[0][t] = dot2(acc[0][t], q0, k);
+          acc[1][t] = dot2(acc[1][t], q1, k);
+        }
+      } else {
+        for (int t = 0; t < 4; ++t) a[t] = dot2(a[t], q0, key(kr[t] + 16 * c, n));
+      }
     };
-    const int full = D / W, tail = D % W;
+    const int full = D / 16, tail = D % 16;
     int c = 0;
-    for (; c + 2 <= full; c += 2) step(c, acc[0], W), step(c + 1, acc[1], W);
-    if (c < full) step(c, acc[0], W);
+    for (; c + 2 <= full; c += 2) step(c, acc[0], 16), step(c + 1, acc[1], 16);
+    if (c < full) step(c, acc[0], 16);
     if (tail) step(full, acc[1], tail);
-    __m512 a[4];
-    for (int t = 0; t < 4; ++t) a[t] = _mm512_add_ps(acc[0][t], acc[1][t]);
-    // Within each 128-bit lane: ab = (a0 + a2, a1 + a3) of keys 0 and 1
-    // interleaved (cd: keys 2 and 3), then the 4 keys' sums in order.
-    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
-    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
-    const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xee));
-    if constexpr (R == 4) {
-      _mm512_storeu_ps(sums, z); // lane r: row r
-    } else { // rows 0 and 1: lanes 0 + 1 and 2 + 3
+    // A pair's 4 keys: within each 128-bit lane, ab = keys 0 and 1
+    // interleaved (cd: keys 2 and 3), then z = the 4 keys' sums of the
+    // lane's elements; rows 0 and 1 in lanes 0 + 1 and 2 + 3.
+    auto pair_sums = [](const __m512* a) {
+      const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+      const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+      return _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xee));
+    };
+    if constexpr (R == 4) { // lanes (0 + 1, 2 + 3) of each pair: rows 0-3
+      const __m512 z0 = pair_sums(acc[0]), z1 = pair_sums(acc[1]);
+      _mm512_storeu_ps(sums, _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88),
+                                           _mm512_shuffle_f32x4(z0, z1, 0xdd)));
+    } else {
+      __m512 a[4];
+      for (int t = 0; t < 4; ++t) a[t] = _mm512_add_ps(acc[0][t], acc[1][t]);
+      const __m512 z = pair_sums(a);
       const __m512 y = _mm512_add_ps(z, _mm512_shuffle_f32x4(z, z, 0xb1));
       _mm_storeu_ps(sums, _mm512_castps512_ps128(y));
       _mm_storeu_ps(sums + 4, _mm512_extractf32x4_ps(y, 2));

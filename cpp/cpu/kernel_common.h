@@ -673,7 +673,7 @@ FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, in
       const TK* kr[Dot::kGroupKeys];
       keys(j, kr);
       float sums[R * Dot::kGroupKeys];
-      Dot::template group_sums<R>(q, D, kr, sums);
+      Dot::template group_sums<R>(q, ldq, D, kr, sums);
       store(j, Dot::kGroupKeys, sums);
     }
   } else {

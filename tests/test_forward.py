@@ -223,7 +223,7 @@ def test_decode_split_keys(rng, dtype, opts):
 def test_decode_streamed_kv(rng, dtype, opts):
     """Decoding with a long cache (on 2 threads one task per K/V head, its
     keys not split): each task's K and V outgrow the caches, so the CPU
-    kernel prefetches them ahead (K a block, V three), up to the last key
+    kernel prefetches them ahead (K a block, V two), up to the last key
     (3001: a partial last block)."""
     run_and_check(rng, dtype, B=1, Hq=8, Hk=4, Lq=1, Lk=3001, D=128, **opts)
 
@@ -262,8 +262,8 @@ def test_non_contiguous_inputs(rng, dtype, v_cols):
 # place (16-bit ones converted in registers), strided ones copied first; V
 # rows in place where D is a multiple of 16 (48: three 16-column chunks).
 # With 2 or 4 query heads per K/V head, bfloat16 rows go 2 or 4 at a time
-# (Bf16Dot::group_sums) in chunks of 16 or 8 elements: D 1, 7, 20 and 100
-# end in a partial one (3 query rows x 2 heads: a group of 4, then of 2).
+# (Bf16Dot::group_sums, in pairs) in chunks of 16 elements: D 1, 7, 20 and
+# 100 end in a partial one (3 query rows x 2 heads: a group of 4, then of 2).
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", [1, 7, 20, 48, 100])
 @pytest.mark.parametrize("Lq", [1, 3])

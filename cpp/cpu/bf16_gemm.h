@@ -71,9 +71,12 @@ inline __m512i to_bf16x32(__m512 lo, __m512 hi) {
 //     in pair order (columns 0-3, 8-11, 16-19, 24-27, then 4-7, 12-15,
 //     ...; from_pair_order restores them); a last 16 columns (NC odd) stay
 //     in order.
+// pfo > 0 (kRows): each row read also prefetches its columns pfo words on
+// (decoding's V rows, streamed; see Task::run).
 template <int R, int NC, bool kRows = false>
 FA_GEMM void dot_rows(const uint16_t* a, int lda, int kd, const uint16_t* b, size_t bstride,
-                      float* c, int ldc, bool add, const float* alpha, float scale = 1.0f) {
+                      float* c, int ldc, bool add, const float* alpha, float scale = 1.0f,
+                      long pfo = 0) {
   __m512 acc[R][NC];
   for (int r = 0; r < R; ++r) {
     const __m512 al = _mm512_set1_ps(alpha ? alpha[r] : 1.0f);
@@ -84,6 +87,7 @@ FA_GEMM void dot_rows(const uint16_t* a, int lda, int kd, const uint16_t* b, siz
   for (int d = 0; d < kd; d += 2, b += 2 * bstride) {
     __m512i bv[NC];
     if constexpr (kRows) {
+      if (pfo) prefetch(b + pfo, 16 * NC), prefetch(b + bstride + pfo, 16 * NC);
       const bool odd = d + 1 == kd;
       for (int k = 0; k + 1 < NC; k += 2) {
         const __m512i x = _mm512_loadu_si512(b + 16 * k);
@@ -119,15 +123,16 @@ FA_GEMM void dot_rows(const uint16_t* a, int lda, int kd, const uint16_t* b, siz
 template <int R, bool kRows = false>
 FA_GEMM void dot_cols(const uint16_t* a, int lda, int kd, const uint16_t* b, size_t bstride,
                       int nc, float* c, int ldc, bool add, const float* alpha,
-                      float scale = 1.0f) {
+                      float scale = 1.0f, long pfo = 0) {
   constexpr int w = kRows ? 1 : 2; // words of b per column
   int col = 0;
   for (; col + 64 <= nc; col += 64)
-    dot_rows<R, 4, kRows>(a, lda, kd, b + w * col, bstride, c + col, ldc, add, alpha, scale);
+    dot_rows<R, 4, kRows>(a, lda, kd, b + w * col, bstride, c + col, ldc, add, alpha, scale, pfo);
+  const uint16_t* bc = b + w * col;
   switch ((nc - col) / 16) {
-    case 3: dot_rows<R, 3, kRows>(a, lda, kd, b + w * col, bstride, c + col, ldc, add, alpha, scale); break;
-    case 2: dot_rows<R, 2, kRows>(a, lda, kd, b + w * col, bstride, c + col, ldc, add, alpha, scale); break;
-    case 1: dot_rows<R, 1, kRows>(a, lda, kd, b + w * col, bstride, c + col, ldc, add, alpha, scale); break;
+    case 3: dot_rows<R, 3, kRows>(a, lda, kd, bc, bstride, c + col, ldc, add, alpha, scale, pfo); break;
+    case 2: dot_rows<R, 2, kRows>(a, lda, kd, bc, bstride, c + col, ldc, add, alpha, scale, pfo); break;
+    case 1: dot_rows<R, 1, kRows>(a, lda, kd, bc, bstride, c + col, ldc, add, alpha, scale, pfo); break;
     default: break;
   }
 }

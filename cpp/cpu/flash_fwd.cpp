@@ -49,12 +49,15 @@ constexpr int kSubBlocks = 4;
 // (1k-2k keys) the prefetches cost 9-11% (2026-12-02, Zen 4: L2 1 MiB per
 // core), with 2 MiB (float32) they saved 14-22% (an earlier machine).
 constexpr size_t kStreamBytes = size_t(1) << 20;
-// Such a task prefetches K's rows one block ahead and V's, used after the
-// block's softmax, this many blocks ahead, both spread over qk_keys's
-// passes (V's rows, prefetched a block ahead in a burst at the block's
-// start, left decoding 7-9% slower on one thread: 4k-16k keys, float32
-// and bfloat16).
-constexpr int kVAhead = 3;
+// Such a task prefetches K's rows one block ahead, spread over qk_keys's
+// passes, and V's, used after the block's softmax, this many blocks ahead,
+// spread over the P V pass: each V row read prefetches its columns kVAhead
+// blocks on. (V's rows prefetched in a burst at the block's start left
+// decoding 7-9% slower on one thread, 4k-16k keys; spread over qk_keys's
+// passes beside K's, 8-17% slower than over the P V pass at 16k-32k keys,
+// 1-2 threads, float32 and bfloat16: the score pass alone then kept both
+// streams' misses in flight. 2 blocks ahead: 0-3% faster than 3.)
+constexpr int kVAhead = 2;
 
 // K^T and V of K/V heads [first, first + n) (index (batch, K/V head), see
 // TaskOrder) converted to float32 once, for the tasks that share them (see
@@ -195,8 +198,8 @@ struct Task {
     const bool decoding = !kv.kt;
     const bool k_rows = decoding && p.k_strides[3] == 1;
     const bool v_rows = decoding && p.v_strides[3] == 1 && dvp == Dv;
-    // V's rows prefetched by qk_keys where it reads K's rows in place.
-    const bool v_ahead = stream && k_rows && v_rows;
+    // V's rows read in place: prefetched by the P V pass (else by load_kv).
+    const bool v_ahead = stream && v_rows;
 #if defined(FA_BF16_DOT)
     // bfloat16 K rows in place meet Q's rows as they are (Bf16Dot), in kr,
     // which holds no K here: dq apart, for_row_blocks' blocks of rows that
@@ -249,19 +252,20 @@ struct Task {
           block_cols(sq, q.i0, q.nqh, j0, nk, r, R, w, c0, c1);
         };
         // K's rows in place (kb) and, streamed, those to prefetch: the next
-        // block's K rows, V's kVAhead blocks on.
-        const long ldk = p.k_strides[2], jv = j0 + kVAhead * BK;
+        // block's K rows; V's kVAhead blocks on (pfo elements on: while
+        // that block is whole).
+        const long ldk = p.k_strides[2];
         auto rows_from = [&](long j) {
           return int(p.Lk - j < 0 ? 0 : p.Lk - j < BK ? p.Lk - j : BK);
         };
-        const int npf = stream ? rows_from(j0 + BK) : 0, npv = v_ahead ? rows_from(jv) : 0;
-        const T* pv = npv ? v + jv * p.v_strides[2] : nullptr;
+        const int npf = stream ? rows_from(j0 + BK) : 0;
+        const long pfo =
+            v_ahead && rows_from(j0 + kVAhead * BK) == BK ? kVAhead * BK * p.v_strides[2] : 0;
         auto scores = [&](auto dot, const auto* qb, int ldq, const auto* kb, long ld, float scale,
                           int np) {
           for_row_blocks(q.nq, [&]<int R>(int i) {
             qk_keys<R>(dot, qb + i * ldq, ldq, kb, ld, D, nk, scale, s + i * BK,
-                       np ? kb + BK * ld : nullptr, i == 0 ? np : 0, pv, p.v_strides[2], Dv,
-                       i == 0 ? npv : 0);
+                       np ? kb + BK * ld : nullptr, i == 0 ? np : 0);
           });
         };
         if (k_pairs) {
@@ -280,12 +284,16 @@ struct Task {
           });
         probabilities(b, sq, h0, q.nqh, q.i0, q.nq, j0, nk, s, m + q.r0, l + q.r0 * 16,
                       alpha + q.r0, POverS{s});
-        auto values = [&](const auto* vr, int ldr, int cs) {
+        auto values = [&](const auto* vr, int ldr, int cs, long pf) {
           for_row_blocks(q.nq, [&]<int R>(int i) {
             int c0, c1;
             cols(i, R, 1, &c0, &c1);
-            pv_block<R>(s + i * BK + c0, BK, 1, alpha + q.r0 + i, vr + c0 * ldr, ldr, cs, dvp,
-                        c1 - c0, ob + i * dvp);
+            if (i == 0 && pf)
+              pv_block<R, true>(s + c0, BK, 1, alpha + q.r0, vr + c0 * ldr, ldr, cs, dvp, c1 - c0,
+                                ob, pf);
+            else
+              pv_block<R>(s + i * BK + c0, BK, 1, alpha + q.r0 + i, vr + c0 * ldr, ldr, cs, dvp,
+                          c1 - c0, ob + i * dvp);
           });
         };
         if (v_pairs) {
@@ -297,13 +305,14 @@ struct Task {
             cols(i, R, 2, &c0, &c1);
             const int n = (c1 < nk ? c1 : nk) - c0;
             dot_cols<R, true>(p16 + i * BK + c0, BK, n, vr + c0 * p.v_strides[2],
-                              size_t(p.v_strides[2]), dvp, ob + i * dvp, dvp, true, alpha + q.r0 + i);
+                              size_t(p.v_strides[2]), dvp, ob + i * dvp, dvp, true, alpha + q.r0 + i,
+                              1.0f, i == 0 ? pfo : 0);
           });
 #endif
         } else if (v_rows)
-          values(v + j0 * p.v_strides[2], int(p.v_strides[2]), 16);
+          values(v + j0 * p.v_strides[2], int(p.v_strides[2]), 16, pfo);
         else
-          values(vb, ldv, vcs);
+          values(vb, ldv, vcs, 0);
       }
     }
 #if defined(FA_BF16_DOT)
@@ -417,9 +426,10 @@ struct Task {
   // K's rows (D apart) into kr, V (BK x dvp) into vf, zero-padded so the
   // fixed-width GEMM reads defined values. With `stream` (K and V larger
   // than the caches: read from memory, once; kStreamBytes) it prefetches
-  // the next block's V rows (qk_keys does where it reads K's in place): the
-  // hardware prefetchers alone kept two threads at 14 GB/s of the 23-32 an
-  // earlier machine streamed (decoding float32, 4k-32k keys: 14-20% faster).
+  // the next block's V rows (the P V pass does where it reads them in
+  // place): the hardware prefetchers alone kept two threads at 14 GB/s of
+  // the 23-32 an earlier machine streamed (decoding float32, 4k-32k keys:
+  // 14-20% faster).
   void load_kv(const T* k, const T* v, long j0, int nk, bool stream, float* kr, float* vf,
                int dvp) const {
     const int D = p.D, Dv = p.Dv;

@@ -466,16 +466,20 @@ __attribute__((noinline)) void qk_rows(const float* q, int ldq, const float* kt,
 // (alpha = 1 when null). P[r][j] is at p[r * ldp + j * ldj]: ldj = 1 for P,
 // or ldp = 1 to multiply by the transpose of a row-major block. V's columns
 // come in chunks of 16, vcs elements apart (16 for plain rows); V of 16-bit
-// elements (decoding, in place) is converted as it is loaded.
-template <int R, int NC, typename TV>
+// elements (decoding, in place) is converted as it is loaded. kPf (plain
+// rows): each row read also prefetches its columns pfo elements on
+// (decoding's V rows, streamed; see Task::run). A template argument: a
+// run-time test left the AVX2 forward 2-3% slower.
+template <int R, int NC, bool kPf, typename TV>
 FA_GEMM void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const TV* v,
-                     int ldv, int vcs, int nk, float* o, int ldo) {
+                     int ldv, int vcs, int nk, float* o, int ldo, long pfo) {
   vf16 acc[R][NC];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < NC; ++c)
       acc[r][c] = load16(o + r * ldo + c * 16) * (alpha ? alpha[r] : 1.0f);
   for (int j = 0; j < nk; ++j) {
     vf16 vv[NC];
+    if constexpr (kPf) prefetch(v + j * ldv + pfo, 16 * NC);
     for (int c = 0; c < NC; ++c) vv[c] = load16(v + j * ldv + c * vcs);
     for (int r = 0; r < R; ++r) {
       vf16 pb = splat(p[r * ldp + j * ldj]);
@@ -489,18 +493,18 @@ FA_GEMM void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const
 // pv_rows over all n columns of V (row stride ldv, column chunks vcs apart)
 // and O (row stride n; n a multiple of 16), in chunks of at most 16 * CHUNK
 // columns to stay in registers.
-template <int R, typename TV>
+template <int R, bool kPf = false, typename TV>
 FA_GEMM void pv_block(const float* p, int ldp, int ldj, const float* alpha, const TV* v,
-                      int ldv, int vcs, int n, int nk, float* o) {
+                      int ldv, int vcs, int n, int nk, float* o, long pfo = 0) {
   int c = 0;
   for (; c + 16 * CHUNK <= n; c += 16 * CHUNK)
-    pv_rows<R, CHUNK>(p, ldp, ldj, alpha, v + c / 16 * vcs, ldv, vcs, nk, o + c, n);
+    pv_rows<R, CHUNK, kPf>(p, ldp, ldj, alpha, v + c / 16 * vcs, ldv, vcs, nk, o + c, n, pfo);
   if constexpr (CHUNK > 1) {
     const TV* vc = v + c / 16 * vcs;
     switch ((n - c) / 16) {
-      case 3: pv_rows<R, 3>(p, ldp, ldj, alpha, vc, ldv, vcs, nk, o + c, n); break;
-      case 2: pv_rows<R, 2>(p, ldp, ldj, alpha, vc, ldv, vcs, nk, o + c, n); break;
-      case 1: pv_rows<R, 1>(p, ldp, ldj, alpha, vc, ldv, vcs, nk, o + c, n); break;
+      case 3: pv_rows<R, 3, kPf>(p, ldp, ldj, alpha, vc, ldv, vcs, nk, o + c, n, pfo); break;
+      case 2: pv_rows<R, 2, kPf>(p, ldp, ldj, alpha, vc, ldv, vcs, nk, o + c, n, pfo); break;
+      case 1: pv_rows<R, 1, kPf>(p, ldp, ldj, alpha, vc, ldv, vcs, nk, o + c, n, pfo); break;
       default: break;
     }
   }
@@ -648,21 +652,18 @@ struct FloatDot {
 // (lane_sums). Where Dot groups R rows (Bf16Dot::groups), q holds them
 // packed and Dot computes their passes. Columns [nk, round_up(nk, KG))
 // repeat key nk - 1, for the masks to hide. Each pass prefetches KG of the
-// npf rows from pf (K's rows ldk apart, D long) and KG of the npv rows from
-// pv (V's, ldv apart, dv long), rows streamed from memory (see Task::run):
-// spread over the work, where a burst of them stalled on the fill buffers
-// (2 threads, 4k-32k keys: 2-21% faster).
-template <int R, typename Dot, typename TQ, typename TK, typename TV = TK>
+// npf rows from pf (K's rows ldk apart, D long), rows streamed from memory
+// (see Task::run): spread over the work, where a burst of them stalled on
+// the fill buffers (2 threads, 4k-32k keys: 2-21% faster).
+template <int R, typename Dot, typename TQ, typename TK>
 FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, int nk, float scale,
-                     float* s, const TK* pf = nullptr, int npf = 0, const TV* pv = nullptr,
-                     long ldv = 0, int dv = 0, int npv = 0) {
+                     float* s, const TK* pf = nullptr, int npf = 0) {
   // A pass over keys [j, j + G): their rows and prefetches, then its sums
   // (sums[r * G + t]: row r, key j + t) into S.
   auto keys = [&]<int G>(int j, const TK* (&kr)[G]) {
     static_assert(BK % G == 0, "a pass's keys stay in the block");
     for (int t = 0; t < G; ++t) kr[t] = k + (j + t < nk ? j + t : nk - 1) * ldk;
     for (int t = 0; t < G && j + t < npf; ++t) prefetch(pf + (j + t) * ldk, D);
-    for (int t = 0; t < G && j + t < npv; ++t) prefetch(pv + (j + t) * ldv, dv);
   };
   auto store = [&](int j, int G, const float* sums) {
     for (int r = 0; r < R; ++r)

@@ -407,7 +407,7 @@ struct Bf16Dot {
     };
     __m512 acc[2][4];
     for (int t = 0; t < 4; ++t) acc[0][t] = acc[1][t] = _mm512_setzero_ps();
-    auto step = [&](int c, __m512* a, int n) {
+    auto step = [&](int c, int chain, int n) { // chain: 2 rows' (4 rows: both pairs)
       const __m512i q0 = _mm512_loadu_si512(q + 32 * c);
       if constexpr (R == 4) {
         const __m512i q1 = _mm512_loadu_si512(q + 2 * ld + 32 * c);
@@ -417,14 +417,14 @@ struct Bf16Dot {
           acc[1][t] = dot2(acc[1][t], q1, k);
         }
       } else {
-        for (int t = 0; t < 4; ++t) a[t] = dot2(a[t], q0, key(kr[t] + 16 * c, n));
+        for (int t = 0; t < 4; ++t) acc[chain][t] = dot2(acc[chain][t], q0, key(kr[t] + 16 * c, n));
       }
     };
     const int full = D / 16, tail = D % 16;
     int c = 0;
-    for (; c + 2 <= full; c += 2) step(c, acc[0], 16), step(c + 1, acc[1], 16);
-    if (c < full) step(c, acc[0], 16);
-    if (tail) step(full, acc[1], tail);
+    for (; c + 2 <= full; c += 2) step(c, 0, 16), step(c + 1, 1, 16);
+    if (c < full) step(c, 0, 16);
+    if (tail) step(full, 1, tail);
     // A pair's 4 keys: within each 128-bit lane, ab = keys 0 and 1
     // interleaved (cd: keys 2 and 3), then z = the 4 keys' sums of the
     // lane's elements; rows 0 and 1 in lanes 0 + 1 and 2 + 3.

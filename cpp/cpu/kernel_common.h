@@ -468,8 +468,10 @@ __attribute__((noinline)) void qk_rows(const float* q, int ldq, const float* kt,
 // come in chunks of 16, vcs elements apart (16 for plain rows); V of 16-bit
 // elements (decoding, in place) is converted as it is loaded. kPf (plain
 // rows): each row read also prefetches its columns pfo elements on
-// (decoding's V rows, streamed; see Task::run). A template argument: a
-// run-time test left the AVX2 forward 2-3% slower.
+// (decoding's V rows, streamed; see Task::run), and into L1 those 4 rows
+// on, in L2 by then (32/8 heads float32, 4k keys, one thread: 4% faster;
+// past the last row it touches nothing: prefetches never fault). A
+// template argument: a run-time test left the AVX2 forward 2-3% slower.
 template <int R, int NC, bool kPf, typename TV>
 FA_GEMM void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const TV* v,
                      int ldv, int vcs, int nk, float* o, int ldo, long pfo) {
@@ -479,7 +481,10 @@ FA_GEMM void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const
       acc[r][c] = load16(o + r * ldo + c * 16) * (alpha ? alpha[r] : 1.0f);
   for (int j = 0; j < nk; ++j) {
     vf16 vv[NC];
-    if constexpr (kPf) prefetch(v + j * ldv + pfo, 16 * NC);
+    if constexpr (kPf) {
+      prefetch(v + j * ldv + pfo, 16 * NC);
+      for (int c = 0; c < NC; ++c) __builtin_prefetch(v + (j + 4) * ldv + c * vcs, 0, 3);
+    }
     for (int c = 0; c < NC; ++c) vv[c] = load16(v + j * ldv + c * vcs);
     for (int r = 0; r < R; ++r) {
       vf16 pb = splat(p[r * ldp + j * ldj]);
@@ -654,16 +659,22 @@ struct FloatDot {
 // repeat key nk - 1, for the masks to hide. Each pass prefetches KG of the
 // npf rows from pf (K's rows ldk apart, D long), rows streamed from memory
 // (see Task::run): spread over the work, where a burst of them stalled on
-// the fill buffers (2 threads, 4k-32k keys: 2-21% faster).
+// the fill buffers (2 threads, 4k-32k keys: 2-21% faster); without groups,
+// a line of each per step over d. There it also brings the next pass's
+// rows into L1 (T0), a line per step: its KG rows, read 64 bytes of each in
+// turn, are a pattern the L1 prefetchers don't follow (float32 decoding,
+// 4k keys, one thread: 32/8 heads 5-10%, MHA 23%, D 256 33% faster).
 template <int R, typename Dot, typename TQ, typename TK>
 FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, int nk, float scale,
                      float* s, const TK* pf = nullptr, int npf = 0) {
-  // A pass over keys [j, j + G): their rows and prefetches, then its sums
-  // (sums[r * G + t]: row r, key j + t) into S.
+  // A pass over keys [j, j + G): their rows, then its sums (sums[r * G +
+  // t]: row r, key j + t) into S.
   auto keys = [&]<int G>(int j, const TK* (&kr)[G]) {
     static_assert(BK % G == 0, "a pass's keys stay in the block");
     for (int t = 0; t < G; ++t) kr[t] = k + (j + t < nk ? j + t : nk - 1) * ldk;
-    for (int t = 0; t < G && j + t < npf; ++t) prefetch(pf + (j + t) * ldk, D);
+  };
+  auto line = [](const TK* p, int level) {
+    __builtin_prefetch(reinterpret_cast<const char*>(p), 0, level);
   };
   auto store = [&](int j, int G, const float* sums) {
     for (int r = 0; r < R; ++r)
@@ -673,6 +684,7 @@ FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, in
     for (int j = 0; j < nk; j += Dot::kGroupKeys) {
       const TK* kr[Dot::kGroupKeys];
       keys(j, kr);
+      for (int t = 0; t < Dot::kGroupKeys && j + t < npf; ++t) prefetch(pf + (j + t) * ldk, D);
       float sums[R * Dot::kGroupKeys];
       Dot::template group_sums<R>(q, ldq, D, kr, sums);
       store(j, Dot::kGroupKeys, sums);
@@ -684,10 +696,17 @@ FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, in
     for (int j = 0; j < nk; j += KG) {
       const TK* kr[KG];
       keys(j, kr);
+      // This pass's rows to prefetch from memory (pf) and the next pass's.
+      const int nfar = npf - j < 0 ? 0 : npf - j < KG ? npf - j : KG;
+      const int nnear = nk - j - KG < 0 ? 0 : nk - j - KG < KG ? nk - j - KG : KG;
       vf16 acc[R][KG];
       for (int r = 0; r < R; ++r)
         for (int t = 0; t < KG; ++t) acc[r][t] = vf16{};
       for (int d = 0; d < Dn; d += Dot::kStep) {
+        if (d * sizeof(TK) % 64 == 0) { // 16-bit K through FloatDot: 2 steps a line
+          for (int t = 0; t < nfar; ++t) line(pf + (j + t) * ldk + d, 2);
+          for (int t = 0; t < nnear; ++t) line(kr[t] + KG * ldk + d, 3);
+        }
         decltype(Dot::load(k)) kv[KG];
         for (int t = 0; t < KG; ++t) kv[t] = Dot::load(kr[t] + d);
         for (int r = 0; r < R; ++r) {
@@ -705,6 +724,7 @@ FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, in
         const vf8 x = lane_sums(h);
         memcpy(sums + g, &x, sizeof(x));
       }
+      for (int t = 0; Dn < D && t < nfar; ++t) line(pf + (j + t) * ldk + Dn, 2);
       for (int d = Dn; d < D; ++d)
         for (int r = 0; r < R; ++r)
           for (int t = 0; t < KG; ++t)

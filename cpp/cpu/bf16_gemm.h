@@ -395,11 +395,14 @@ struct Bf16Dot {
         for (int r = 0; r < 2; ++r) memcpy(x + 32 * c + 16 * r, rows[r] + 16 * c, sizeof(uint16_t) * 16);
     }
   }
-  // sums[r * 4 + t] = row r . key t of the R rows packed at q (pairs 2 ld
-  // apart) and keys kr[0..4): 2 x 4 chains of products (4 rows: one per
-  // pair; 2 rows: even and odd vectors).
+  // s[r * lds + t] = scale x row r . key t of the R rows packed at q (pairs
+  // 2 ld apart) and keys kr[0..4): 2 x 4 chains of products (4 rows: one
+  // per pair; 2 rows: even and odd vectors). Each row's 4 sums are one
+  // 128-bit lane, stored as it is (through a float array, GCC took them
+  // apart lane by lane: 4 rows, D 64-128, one thread: 2-4% faster).
   template <int R>
-  static void group_sums(const bf16_t* q, int ld, int D, const bf16_t* const* kr, float* sums) {
+  static void group_sums(const bf16_t* q, int ld, int D, const bf16_t* const* kr, float scale,
+                         float* s, int lds) {
     // 16 elements of a key broadcast (n < 16: a row's last ones, not past it).
     auto key = [](const bf16_t* p, int n) {
       return _mm512_broadcast_i64x4(n == 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
@@ -433,17 +436,22 @@ struct Bf16Dot {
       const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
       return _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xee));
     };
+    const __m512 sc = _mm512_set1_ps(scale);
     if constexpr (R == 4) { // lanes (0 + 1, 2 + 3) of each pair: rows 0-3
       const __m512 z0 = pair_sums(acc[0]), z1 = pair_sums(acc[1]);
-      _mm512_storeu_ps(sums, _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88),
-                                           _mm512_shuffle_f32x4(z0, z1, 0xdd)));
+      const __m512 y = _mm512_mul_ps(sc, _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88),
+                                                       _mm512_shuffle_f32x4(z0, z1, 0xdd)));
+      _mm_storeu_ps(s, _mm512_castps512_ps128(y));
+      _mm_storeu_ps(s + lds, _mm512_extractf32x4_ps(y, 1));
+      _mm_storeu_ps(s + 2 * lds, _mm512_extractf32x4_ps(y, 2));
+      _mm_storeu_ps(s + 3 * lds, _mm512_extractf32x4_ps(y, 3));
     } else {
       __m512 a[4];
       for (int t = 0; t < 4; ++t) a[t] = _mm512_add_ps(acc[0][t], acc[1][t]);
       const __m512 z = pair_sums(a);
-      const __m512 y = _mm512_add_ps(z, _mm512_shuffle_f32x4(z, z, 0xb1));
-      _mm_storeu_ps(sums, _mm512_castps512_ps128(y));
-      _mm_storeu_ps(sums + 4, _mm512_extractf32x4_ps(y, 2));
+      const __m512 y = _mm512_mul_ps(sc, _mm512_add_ps(z, _mm512_shuffle_f32x4(z, z, 0xb1)));
+      _mm_storeu_ps(s, _mm512_castps512_ps128(y));
+      _mm_storeu_ps(s + lds, _mm512_extractf32x4_ps(y, 2));
     }
   }
 };

@@ -685,9 +685,7 @@ FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, in
       const TK* kr[Dot::kGroupKeys];
       keys(j, kr);
       for (int t = 0; t < Dot::kGroupKeys && j + t < npf; ++t) prefetch(pf + (j + t) * ldk, D);
-      float sums[R * Dot::kGroupKeys];
-      Dot::template group_sums<R>(q, ldq, D, kr, sums);
-      store(j, Dot::kGroupKeys, sums);
+      Dot::template group_sums<R>(q, ldq, D, kr, scale, s + j, BK);
     }
   } else {
     constexpr int kAcc = ROWS * CHUNK >= 16 ? 16 : 4;

@@ -663,7 +663,9 @@ struct FloatDot {
 // a line of each per step over d. There it also brings the next pass's
 // rows into L1 (T0), a line per step: its KG rows, read 64 bytes of each in
 // turn, are a pattern the L1 prefetchers don't follow (float32 decoding,
-// 4k keys, one thread: 32/8 heads 6-12%, MHA 23%, D 256 32% faster).
+// 4k keys, one thread: 32/8 heads 6-12%, MHA 23%, D 256 32% faster); a
+// pass of one row (KG = 1: AVX2, 3+ rows) they do follow, and there these
+// prefetches cost bfloat16 decoding 6-7%.
 template <int R, typename Dot, typename TQ, typename TK>
 FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, int nk, float scale,
                      float* s, const TK* pf = nullptr, int npf = 0) {
@@ -694,9 +696,10 @@ FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, in
     for (int j = 0; j < nk; j += KG) {
       const TK* kr[KG];
       keys(j, kr);
-      // This pass's rows to prefetch from memory (pf) and the next pass's.
+      // This pass's rows to prefetch from memory (pf) and the next pass's
+      // (one row a pass, read in order, the L1 prefetchers follow).
       const int nfar = npf - j < 0 ? 0 : npf - j < KG ? npf - j : KG;
-      const int nnear = nk - j - KG < 0 ? 0 : nk - j - KG < KG ? nk - j - KG : KG;
+      const int nnear = KG == 1 || nk - j - KG < 0 ? 0 : nk - j - KG < KG ? nk - j - KG : KG;
       vf16 acc[R][KG];
       for (int r = 0; r < R; ++r)
         for (int t = 0; t < KG; ++t) acc[r][t] = vf16{};

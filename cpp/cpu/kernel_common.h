@@ -408,13 +408,22 @@ inline vf16 load16(const f16_t* p) {
 }
 #endif
 
+// The cache line at p into L2 (T1: rows streamed from memory) or into L1
+// (T0: a few rows ahead, already in L2). Prefetches never fault.
+template <typename T>
+inline void prefetch_l2(const T* p) {
+  __builtin_prefetch(reinterpret_cast<const char*>(p), 0, 2);
+}
+template <typename T>
+inline void prefetch_l1(const T* p) {
+  __builtin_prefetch(reinterpret_cast<const char*>(p), 0, 3);
+}
 // Prefetches the cache lines of n contiguous elements into L2 (decoding's
 // next block: into L1, its 32-64 KiB evicted the block in use from a 32 KiB
 // L1; into L2 decoding ran 4-18% faster, 4k-32k keys, 2 threads).
 template <typename T>
 inline void prefetch(const T* src, int n) {
-  for (size_t i = 0; i < n * sizeof(T); i += 64)
-    __builtin_prefetch(reinterpret_cast<const char*>(src) + i, 0, 2);
+  for (size_t i = 0; i < n * sizeof(T); i += 64) prefetch_l2(reinterpret_cast<const char*>(src) + i);
 }
 
 // The transpose of an (n x d) matrix X in panels of xw rows of X, each a
@@ -470,8 +479,8 @@ __attribute__((noinline)) void qk_rows(const float* q, int ldq, const float* kt,
 // rows): each row read also prefetches its columns pfo elements on
 // (decoding's V rows, streamed; see Task::run), and into L1 those 4 rows
 // on, in L2 by then (32/8 heads float32, 4k keys, one thread: 4% faster;
-// past the last row it touches nothing: prefetches never fault). A
-// template argument: a run-time test left the AVX2 forward 2-3% slower.
+// past the last row it touches nothing). A template argument: a run-time
+// test left the AVX2 forward 2-3% slower.
 template <int R, int NC, bool kPf, typename TV>
 FA_GEMM void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const TV* v,
                      int ldv, int vcs, int nk, float* o, int ldo, long pfo) {
@@ -483,7 +492,7 @@ FA_GEMM void pv_rows(const float* p, int ldp, int ldj, const float* alpha, const
     vf16 vv[NC];
     if constexpr (kPf) {
       prefetch(v + j * ldv + pfo, 16 * NC);
-      for (int c = 0; c < NC; ++c) __builtin_prefetch(v + (j + 4) * ldv + c * vcs, 0, 3);
+      for (int c = 0; c < NC; ++c) prefetch_l1(v + (j + 4) * ldv + c * vcs);
     }
     for (int c = 0; c < NC; ++c) vv[c] = load16(v + j * ldv + c * vcs);
     for (int r = 0; r < R; ++r) {
@@ -669,15 +678,12 @@ struct FloatDot {
 template <int R, typename Dot, typename TQ, typename TK>
 FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, int nk, float scale,
                      float* s, const TK* pf = nullptr, int npf = 0) {
-  // A pass over keys [j, j + G): their rows, then its sums (sums[r * G +
-  // t]: row r, key j + t) into S.
+  // The rows of a pass over keys [j, j + G).
   auto keys = [&]<int G>(int j, const TK* (&kr)[G]) {
     static_assert(BK % G == 0, "a pass's keys stay in the block");
     for (int t = 0; t < G; ++t) kr[t] = k + (j + t < nk ? j + t : nk - 1) * ldk;
   };
-  // One line into L2 (T1, from memory) or into L1 (T0, from L2).
-  auto to_l2 = [](const TK* p) { __builtin_prefetch(reinterpret_cast<const char*>(p), 0, 2); };
-  auto to_l1 = [](const TK* p) { __builtin_prefetch(reinterpret_cast<const char*>(p), 0, 3); };
+  // A pass's sums (sums[r * G + t]: row r, key j + t) into S.
   auto store = [&](int j, int G, const float* sums) {
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < G; ++t) s[r * BK + j + t] = sums[r * G + t] * scale;
@@ -699,14 +705,15 @@ FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, in
       // This pass's rows to prefetch from memory (pf) and the next pass's
       // (one row a pass, read in order, the L1 prefetchers follow).
       const int nfar = npf - j < 0 ? 0 : npf - j < KG ? npf - j : KG;
-      const int nnear = KG == 1 || nk - j - KG < 0 ? 0 : nk - j - KG < KG ? nk - j - KG : KG;
+      const int after = nk - j - KG; // keys after this pass
+      const int nnear = KG == 1 || after < 0 ? 0 : after < KG ? after : KG;
       vf16 acc[R][KG];
       for (int r = 0; r < R; ++r)
         for (int t = 0; t < KG; ++t) acc[r][t] = vf16{};
       for (int d = 0; d < Dn; d += Dot::kStep) {
         if (d * sizeof(TK) % 64 == 0) { // 16-bit K through FloatDot: 2 steps a line
-          for (int t = 0; t < nfar; ++t) to_l2(pf + (j + t) * ldk + d);
-          for (int t = 0; t < nnear; ++t) to_l1(kr[t] + KG * ldk + d);
+          for (int t = 0; t < nfar; ++t) prefetch_l2(pf + (j + t) * ldk + d);
+          for (int t = 0; t < nnear; ++t) prefetch_l1(kr[t] + KG * ldk + d);
         }
         decltype(Dot::load(k)) kv[KG];
         for (int t = 0; t < KG; ++t) kv[t] = Dot::load(kr[t] + d);
@@ -725,7 +732,7 @@ FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, in
         const vf8 x = lane_sums(h);
         memcpy(sums + g, &x, sizeof(x));
       }
-      for (int t = 0; Dn < D && t < nfar; ++t) to_l2(pf + (j + t) * ldk + Dn);
+      for (int t = 0; Dn < D && t < nfar; ++t) prefetch_l2(pf + (j + t) * ldk + Dn);
       for (int d = Dn; d < D; ++d)
         for (int r = 0; r < R; ++r)
           for (int t = 0; t < KG; ++t)

@@ -60,7 +60,7 @@ int num_threads();
 
 // A 64-byte aligned per-thread scratch buffer of at least nbytes, reused
 // across calls on the same thread.
-void* thread_scratch(size_t nbytes);
+void* thread_scratch(size_t nbytes, int slot = 0);
 
 // One definition per instruction set, in flash_fwd.cpp and flash_bwd.cpp.
 #define FA_DECLARE_ISA(isa)                \

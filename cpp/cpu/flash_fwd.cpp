@@ -69,9 +69,10 @@ constexpr int kVAhead = 2;
 // with zeros to a block multiple (tasks read whole blocks from a block
 // boundary). v is null where V is read in place (see run_all).
 struct FloatKV {
-  const float* kt = nullptr;
-  const float* v = nullptr;
+  float* kt = nullptr;
+  float* v = nullptr;
   int lkp = 0;
+  int vcols = 0; // V's copied columns (dvp), 0 where V is read in place
   int64_t first = 0;
 };
 
@@ -116,6 +117,14 @@ struct Task {
   int nsub; // query blocks per task (run_all)
   FloatKV kv;
   SplitKeys split;
+
+  // run_packed's layout: n heads' K^T, then their V (if copied), from head first.
+  size_t head_bytes() const { return size_t(kv.lkp) * (p.D + kv.vcols) * sizeof(float); }
+  void place(void* buf, int64_t n, int64_t first) {
+    kv.kt = static_cast<float*>(buf);
+    kv.v = kv.vcols ? kv.kt + n * size_t(kv.lkp) * p.D : nullptr;
+    kv.first = first;
+  }
 
   size_t split_slot(int b, int hg, int chunk) const {
     return (size_t(b) * (p.Hq / hpt) + hg) * split.n + chunk;
@@ -530,12 +539,18 @@ struct Task {
 struct Bf16Task {
   const Task<bf16_t>& base; // options, softmax and finish are shared
   int lkp, dp, dvp;         // keys padded to BK, D to 32, Dv to 16
-  const uint16_t* kpack;    // K^T and V tiles of the wave's (batch, K/V
-  const uint16_t* vpack;    // head)s (K/V heads when packed), from
-  int64_t first = 0;        // head `first` on (run_waves)
+  uint16_t* kpack;          // K^T and V tiles of the (batch, K/V head)s
+  uint16_t* vpack;          // (K/V heads when packed) that run_packed
+  int64_t first = 0;        // placed, from head `first` on
 
   size_t k_elems() const { return size_t(lkp) * dp; }
   size_t v_elems() const { return size_t(lkp) * dvp; }
+  size_t head_bytes() const { return (k_elems() + v_elems()) * sizeof(uint16_t); }
+  void place(void* buf, int64_t n, int64_t first_head) {
+    kpack = static_cast<uint16_t*>(buf);
+    vpack = kpack + n * k_elems();
+    first = first_head;
+  }
 
   void run(int b, int hg, int qb) const {
     const ForwardArgs& a = base.a;
@@ -627,48 +642,68 @@ void run_tasks(const TaskT& t, const TaskOrder& order, int64_t begin, int64_t en
   }, &ctx);
 }
 
-// Runs the tasks of `order` a wave of (batch, K/V head)s at a time, so
-// that what is packed stays within a cache-sized buffer: per wave, pack(slot,
-// i) fills slot `slot` with K/V head i (in parallel), then the wave's tasks
-// run. first: the task's field naming the head in slot 0.
+// Runs the tasks of `order` on copies of K and V that pack(t, slot, i)
+// makes of K/V head i into slot `slot` of t's buffers (t.place).
+// Heads that fit a core's L2 (kOwnHeadBytes), enough of them to share out
+// evenly: each thread copies one head at a time into a buffer of its own
+// and runs all of that head's tasks, so the copies never leave its cache
+// and no barrier parts copying from computing (in waves, 256 bfloat16
+// tokens on 2 threads spent 4x as long copying as on one: copies made on
+// one core, read on the other). Otherwise a wave of (batch, K/V head)s at
+// a time, so that the copies stay within wave_bytes: the wave's heads
+// copied in parallel, then its tasks run.
 template <typename TaskT, typename Pack>
-void run_waves(const TaskT& t, const TaskOrder& order, int64_t wave, int64_t& first,
-               const Pack& pack) {
-  const int64_t nkv = order.kv_heads(), per = order.per_kv_head();
-  for (first = 0; first < nkv; first += wave) {
+void run_packed(TaskT& t, const TaskOrder& order, size_t wave_bytes, const Pack& pack) {
+  const int64_t nkv = order.kv_heads(), nt = num_threads();
+  const size_t hb = t.head_bytes();
+  // Whole heads share out evenly: at most a tenth of a round idle.
+  if (hb <= kOwnHeadBytes && nkv >= 2 * nt && ((nkv + nt - 1) / nt * nt - nkv) * 10 <= nkv) {
+    struct Ctx { const TaskT& t; const TaskOrder& order; const Pack& pack; size_t hb; } ctx{
+        t, order, pack, hb};
+    parallel_for(nkv, [](void* c, int64_t i) {
+      const Ctx& x = *static_cast<const Ctx*>(c);
+      TaskT own = x.t;
+      own.place(thread_scratch(x.hb, 1), 1, i);
+      x.pack(own, 0, i);
+      const int64_t per = x.order.per_kv_head();
+      for (int64_t j = i * per; j < (i + 1) * per; ++j) {
+        int b, hg, qt;
+        x.order.decode(j, &b, &hg, &qt);
+        own.run(b, hg, qt);
+      }
+    }, &ctx);
+    return;
+  }
+  const int64_t wave = wave_heads(hb, nkv, wave_bytes), per = order.per_kv_head();
+  uint8_t* buf = alloc_aligned<uint8_t>(wave * hb);
+  for (int64_t first = 0; first < nkv; first += wave) {
     const int64_t n = nkv - first < wave ? nkv - first : wave;
-    struct Ctx { const Pack& pack; int64_t first; } ctx{pack, first};
+    t.place(buf, wave, first);
+    struct Ctx { const TaskT& t; const Pack& pack; int64_t first; } ctx{t, pack, first};
     parallel_for(n, [](void* c, int64_t slot) {
       const Ctx& x = *static_cast<const Ctx*>(c);
-      x.pack(slot, x.first + slot);
+      x.pack(x.t, slot, x.first + slot);
     }, &ctx);
     run_tasks(t, order, first * per, (first + n) * per);
   }
+  free(buf);
 }
 
 #if defined(FA_BF16_DOT)
 void run_bf16(const Task<bf16_t>& task, const TaskOrder& order) {
   const FlashParams& p = task.p;
   Bf16Task bf{task, round_up(p.Lk, BK), round_up(p.D, 32), round_up(p.Dv, 16), nullptr, nullptr};
-  const size_t head_elems = bf.k_elems() + bf.v_elems();
-  const int64_t wave =
-      wave_heads(head_elems * sizeof(uint16_t), order.kv_heads(), kBf16WaveBytes);
-  uint16_t* kbuf = alloc_aligned<uint16_t>(wave * head_elems);
-  uint16_t* vbuf = kbuf + wave * bf.k_elems();
-  bf.kpack = kbuf;
-  bf.vpack = vbuf;
-  run_waves(bf, order, wave, bf.first, [&](int64_t slot, int64_t i) {
+  run_packed(bf, order, kBf16WaveBytes, [&](const Bf16Task& t, int64_t slot, int64_t i) {
     const int b = int(i / p.Hk), hk = int(i % p.Hk);
     const uint16_t* k =
         static_cast<const uint16_t*>(task.a.k) + b * p.k_strides[0] + hk * p.k_strides[1];
     const uint16_t* v =
         static_cast<const uint16_t*>(task.a.v) + b * p.v_strides[0] + hk * p.v_strides[1];
-    pack_transposed_pairs(k, p.Lk, p.D, p.k_strides[2], p.k_strides[3], bf.lkp, bf.dp,
-                          kbuf + slot * bf.k_elems());
-    pack_row_pairs(v, p.Lk, p.Dv, p.v_strides[2], p.v_strides[3], bf.lkp, bf.dvp,
-                   vbuf + slot * bf.v_elems());
+    pack_transposed_pairs(k, p.Lk, p.D, p.k_strides[2], p.k_strides[3], t.lkp, t.dp,
+                          t.kpack + slot * t.k_elems());
+    pack_row_pairs(v, p.Lk, p.Dv, p.v_strides[2], p.v_strides[3], t.lkp, t.dvp,
+                   t.vpack + slot * t.v_elems());
   });
-  free(kbuf);
 }
 #endif
 
@@ -735,23 +770,18 @@ void run_all(const ForwardArgs& a) {
   // (2 threads; ab_kernels.sh, RESULTS.md).
   const bool v_in_place = sizeof(T) == sizeof(float) && p.v_strides[3] == 1 && dvp == p.Dv &&
                           p.v_strides[2] <= 64;
-  const size_t head_floats = size_t(kv.lkp) * (p.D + (v_in_place ? 0 : dvp));
-  const int64_t wave = wave_heads(head_floats * sizeof(float), nkv);
-  float* kbuf = alloc_aligned<float>(wave * head_floats);
-  float* vbuf = v_in_place ? nullptr : kbuf + wave * size_t(kv.lkp) * p.D;
-  kv.kt = kbuf;
-  kv.v = vbuf;
-  run_waves(task, order, wave, kv.first, [&](int64_t slot, int64_t i) {
+  kv.vcols = v_in_place ? 0 : dvp;
+  run_packed(task, order, kWaveBytes, [&](const Task<T>& t, int64_t slot, int64_t i) {
     const int b = int(i / p.Hk), hk = int(i % p.Hk);
+    const int lkp = t.kv.lkp;
     convert_rows(static_cast<const T*>(a.k) + b * p.k_strides[0] + hk * p.k_strides[1], p.Lk, p.D,
-                 p.k_strides[2], p.k_strides[3], 1.0f, kv.lkp, kbuf + slot * size_t(kv.lkp) * p.D,
-                 16, nullptr, 0);
-    if (vbuf)
+                 p.k_strides[2], p.k_strides[3], 1.0f, lkp,
+                 t.kv.kt + slot * size_t(lkp) * p.D, 16, nullptr, 0);
+    if (t.kv.v)
       convert_rows(static_cast<const T*>(a.v) + b * p.v_strides[0] + hk * p.v_strides[1], p.Lk,
-                   p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, kv.lkp, nullptr, 0,
-                   vbuf + slot * size_t(dvp) * kv.lkp, 16, size_t(kv.lkp) * 16);
+                   p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, lkp, nullptr, 0,
+                   t.kv.v + slot * size_t(dvp) * lkp, 16, size_t(lkp) * 16);
   });
-  free(kbuf);
 }
 
 } // namespace

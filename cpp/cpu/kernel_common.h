@@ -595,6 +595,10 @@ constexpr size_t kWaveBytes = size_t(16) << 20;
 // heads at once, 8 x 8 heads of 1024 tokens ran 0-10% (forward, median 3%)
 // and 5-9% (backward) faster (2 threads; RESULTS.md).
 constexpr size_t kBf16WaveBytes = size_t(2) << 20;
+// A K/V head whose copies take at most this many bytes is copied by the
+// thread that runs its tasks, into its own buffer (run_packed): half of a
+// Zen 4 core's L2.
+constexpr size_t kOwnHeadBytes = size_t(512) << 10;
 
 // K/V heads per wave, of nkv, when each takes head_bytes of copies: at most
 // what kWaveBytes holds, in whole rounds of one head per thread (at least

@@ -200,13 +200,14 @@ int num_threads() {
   return pool().size();
 }
 
-void* thread_scratch(size_t nbytes) {
+void* thread_scratch(size_t nbytes, int slot) {
   struct Buf {
     void* ptr = nullptr;
     size_t size = 0;
     ~Buf() { std::free(ptr); }
   };
-  thread_local Buf buf;
+  thread_local Buf bufs[2];
+  Buf& buf = bufs[slot];
   if (buf.size < nbytes) {
     std::free(buf.ptr);
     buf.size = (nbytes + 63) / 64 * 64;

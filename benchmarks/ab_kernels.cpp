@@ -51,13 +51,14 @@ void parallel_for(int64_t n, void (*fn)(void*, int64_t), void* ctx) {
   for (auto& t : pool) t.join();
 }
 int num_threads() { return threads; }
-void* thread_scratch(size_t n) {
+void* thread_scratch(size_t n, int slot) {
   struct Scratch {
     void* p = nullptr;
     size_t size = 0;
     ~Scratch() { free(p); }
   };
-  thread_local Scratch s;
+  thread_local Scratch slots[2];
+  Scratch& s = slots[slot];
   if (s.size < n) {
     free(s.p);
     s.size = (n + 63) / 64 * 64;
@@ -65,6 +66,8 @@ void* thread_scratch(size_t n) {
   }
   return s.p;
 }
+// What revisions before 4f005d2 (one buffer per thread) call.
+void* thread_scratch(size_t n) { return thread_scratch(n, 0); }
 } // namespace flash_cpu
 
 using namespace flash_cpu;

@@ -267,20 +267,20 @@ asm(".globl _ZTISt9bad_alloc, _ZTVSt9bad_alloc\n.section .rodata\n"
 namespace flash_cpu {
 namespace {
 int threads = 1;
-char* scratch = nullptr;
-size_t scratch_size = 0;
+char* scratch[2] = {};
+size_t scratch_size[2] = {};
 void bare_set_threads(int n) { threads = n; }
 } // namespace
 void parallel_for(int64_t n, void (*fn)(void* ctx, int64_t i), void* ctx) {
   for (int64_t i = 0; i < n; ++i) fn(ctx, i);
 }
 int num_threads() { return threads; }
-void* thread_scratch(size_t nbytes) {
-  if (nbytes > scratch_size) {
-    scratch = static_cast<char*>(bare_alloc(nbytes));
-    scratch_size = nbytes;
+void* thread_scratch(size_t nbytes, int slot) {
+  if (nbytes > scratch_size[slot]) {
+    scratch[slot] = static_cast<char*>(bare_alloc(nbytes));
+    scratch_size[slot] = nbytes;
   }
-  return scratch;
+  return scratch[slot];
 }
 #define FA_STR2(x) #x
 #define FA_STR(x) FA_STR2(x)

@@ -49,6 +49,13 @@ def grad_check(rng, dtype, B=2, Hq=4, Hk=2, Lq=70, Lk=90, D=64, Dv=None, use_lse
     return grads
 
 
+# As in the forward's test_many_kv_heads: the copies in waves or per thread.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,Hk", [(1, 1), (3, 5), (8, 8)])
+def test_many_kv_heads(rng, dtype, B, Hk):
+    grad_check(rng, dtype, B=B, Hq=2 * Hk, Hk=Hk, Lq=80, Lk=130, causal=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", [32, 64, 80, 96, 128, 256])
 def test_head_dims(rng, dtype, D):

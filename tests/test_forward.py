@@ -73,6 +73,15 @@ def test_gqa(rng, dtype, Hq, Hk):
     run_and_check(rng, dtype, Hq=Hq, Hk=Hk, causal=True)
 
 
+# Few K/V heads per call run in waves shared by all threads, many (a few
+# per thread: up to 64 here) a whole head per thread (own_heads); 15 heads
+# leave a part round.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,Hk", [(1, 1), (3, 5), (8, 8)])
+def test_many_kv_heads(rng, dtype, B, Hk):
+    run_and_check(rng, dtype, B=B, Hq=2 * Hk, Hk=Hk, Lq=80, Lk=130, causal=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D,Dv", [(64, 32), (32, 128), (192, 128), (80, 256), (128, 7)])
 def test_dv_differs(rng, dtype, D, Dv):

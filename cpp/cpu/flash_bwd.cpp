@@ -606,103 +606,103 @@ void parallel(int64_t n, const F& f) {
 }
 
 #if defined(FA_BF16_DOT)
-// The buffer of Bf16Packs for waves of the nkv K/V heads; sets pk's sizes
-// and pointers.
-uint16_t* alloc_bf16_packs(const FlashParams& p, int64_t nkv, Bf16Packs& pk) {
+// Sets pk's sizes; returns the bytes of one K/V head's packs with its
+// query heads'.
+size_t size_packs(const FlashParams& p, Bf16Packs& pk) {
   pk.lkp = round_up(p.Lk, BK) + BK;
   pk.lqp = round_up(p.Lq, BQ) + BQ;
   pk.dp = round_up(p.D, 32);
   pk.dvp = round_up(p.Dv, 32);
   const size_t key = 2 * pk.key_d(1) + pk.key_dv(1);
   const size_t query = size_t(p.gqa_ratio) * (2 * pk.query_d(1) + 2 * pk.query_dv(1));
-  pk.wave = wave_heads((key + query) * sizeof(uint16_t), nkv, kBf16WaveBytes);
+  return (key + query) * sizeof(uint16_t);
+}
+// Packs the bfloat16 operands of item i of K/V heads [pk.kv_first,
+// pk.kv_first + n) and their query heads: K/V head i, or query head i - n.
+void copy_operands(const BackwardArgs& a, const Bf16Packs& pk, int64_t n, int64_t i) {
+  const FlashParams& p = *a.fwd.p;
+  if (i < n) {
+    const int64_t kv = pk.kv_first + i;
+    const int b = int(kv / p.Hk), hk = int(kv % p.Hk);
+    const uint16_t* k = static_cast<const uint16_t*>(a.fwd.k) + b * p.k_strides[0] + hk * p.k_strides[1];
+    const uint16_t* v = static_cast<const uint16_t*>(a.fwd.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+    pack_transposed_pairs(k, p.Lk, p.D, p.k_strides[2], p.k_strides[3], pk.lkp, pk.dp, pk.kt + pk.key_d(i));
+    pack_row_pairs(k, p.Lk, p.D, p.k_strides[2], p.k_strides[3], pk.lkp, pk.dp, pk.kr + pk.key_d(i));
+    pack_transposed_pairs(v, p.Lk, p.Dv, p.v_strides[2], p.v_strides[3], pk.lkp, pk.dvp, pk.vt + pk.key_dv(i));
+  } else {
+    const int64_t j = i - n, qh = pk.kv_first * p.gqa_ratio + j;
+    const int b = int(qh / p.Hq), h = int(qh % p.Hq);
+    const uint16_t* q = static_cast<const uint16_t*>(a.fwd.q) + b * p.q_strides[0] + h * p.q_strides[1];
+    const uint16_t* d = static_cast<const uint16_t*>(a.dout) + b * p.do_strides[0] + h * p.do_strides[1];
+    pack_rows(q, p.Lq, p.D, p.q_strides[2], p.q_strides[3], pk.lqp, pk.dp, pk.qrow + pk.query_d(j));
+    pack_row_pairs(q, p.Lq, p.D, p.q_strides[2], p.q_strides[3], pk.lqp, pk.dp, pk.qr + pk.query_d(j));
+    pack_rows(d, p.Lq, p.Dv, p.do_strides[2], p.do_strides[3], pk.lqp, pk.dvp, pk.dorow + pk.query_dv(j));
+    pack_row_pairs(d, p.Lq, p.Dv, p.do_strides[2], p.do_strides[3], pk.lqp, pk.dvp, pk.dor + pk.query_dv(j));
+  }
+}
+#endif
+
+// Points pk's packs into buf, for pk.wave K/V heads from pk.kv_first.
+void place_packs(const FlashParams& p, Bf16Packs& pk, void* buf) {
   const int64_t nq = pk.wave * p.gqa_ratio;
-  uint16_t* buf = alloc_aligned<uint16_t>(pk.wave * (key + query));
-  pk.kt = buf;
+  pk.kt = static_cast<uint16_t*>(buf);
   pk.kr = pk.kt + pk.key_d(pk.wave);
   pk.vt = pk.kr + pk.key_d(pk.wave);
   pk.qrow = pk.vt + pk.key_dv(pk.wave);
   pk.qr = pk.qrow + pk.query_d(nq);
   pk.dorow = pk.qr + pk.query_d(nq);
   pk.dor = pk.dorow + pk.query_dv(nq);
-  return buf;
 }
 
-// Packs the bfloat16 operands of K/V heads [pk.kv_first, pk.kv_first + n)
-// and their query heads, in parallel over heads.
-void pack_backward(const BackwardArgs& a, const Bf16Packs& pk, int64_t n) {
-  const FlashParams& p = *a.fwd.p;
-  parallel(n * (1 + p.gqa_ratio), [&](int64_t i) {
-    if (i < n) {
-      const int64_t kv = pk.kv_first + i;
-      const int b = int(kv / p.Hk), hk = int(kv % p.Hk);
-      const uint16_t* k = static_cast<const uint16_t*>(a.fwd.k) + b * p.k_strides[0] + hk * p.k_strides[1];
-      const uint16_t* v = static_cast<const uint16_t*>(a.fwd.v) + b * p.v_strides[0] + hk * p.v_strides[1];
-      pack_transposed_pairs(k, p.Lk, p.D, p.k_strides[2], p.k_strides[3], pk.lkp, pk.dp, pk.kt + pk.key_d(i));
-      pack_row_pairs(k, p.Lk, p.D, p.k_strides[2], p.k_strides[3], pk.lkp, pk.dp, pk.kr + pk.key_d(i));
-      pack_transposed_pairs(v, p.Lk, p.Dv, p.v_strides[2], p.v_strides[3], pk.lkp, pk.dvp, pk.vt + pk.key_dv(i));
-    } else {
-      const int64_t j = i - n, qh = pk.kv_first * p.gqa_ratio + j;
-      const int b = int(qh / p.Hq), h = int(qh % p.Hq);
-      const uint16_t* q = static_cast<const uint16_t*>(a.fwd.q) + b * p.q_strides[0] + h * p.q_strides[1];
-      const uint16_t* d = static_cast<const uint16_t*>(a.dout) + b * p.do_strides[0] + h * p.do_strides[1];
-      pack_rows(q, p.Lq, p.D, p.q_strides[2], p.q_strides[3], pk.lqp, pk.dp, pk.qrow + pk.query_d(j));
-      pack_row_pairs(q, p.Lq, p.D, p.q_strides[2], p.q_strides[3], pk.lqp, pk.dp, pk.qr + pk.query_d(j));
-      pack_rows(d, p.Lq, p.Dv, p.do_strides[2], p.do_strides[3], pk.lqp, pk.dvp, pk.dorow + pk.query_dv(j));
-      pack_row_pairs(d, p.Lq, p.Dv, p.do_strides[2], p.do_strides[3], pk.lqp, pk.dvp, pk.dor + pk.query_dv(j));
-    }
-  });
-}
-#endif
-
-// Converts the backward's operands of K/V heads [fp.kv_first, fp.kv_first
-// + n) and their query heads to float32, in parallel over heads. A K/V
-// head's query heads are contiguous: (batch, K/V head) i has query heads
-// [i * gqa_ratio, (i + 1) * gqa_ratio) of (batch, head), packed or not.
+// Converts the backward's operands of item i of K/V heads [fp.kv_first,
+// fp.kv_first + n) and their query heads to float32: K/V head i, or query
+// head i - n. A K/V head's query heads are contiguous: (batch, K/V head)
+// i has query heads [i * gqa_ratio, (i + 1) * gqa_ratio) of (batch, head),
+// packed or not.
 template <typename T>
-void convert_backward(const BackwardArgs& a, const FloatPacks& fp, int64_t n) {
+void copy_operands(const BackwardArgs& a, const FloatPacks& fp, int64_t n, int64_t i) {
   const FlashParams& p = *a.fwd.p;
   const int Dp = pad16(p.D), dvp = pad16(p.Dv);
-  parallel(n * (1 + p.gqa_ratio), [&](int64_t i) {
-    if (i < n) {
-      const int64_t kv = fp.kv_first + i;
-      const int b = int(kv / p.Hk), hk = int(kv % p.Hk);
-      convert_rows(static_cast<const T*>(a.fwd.k) + b * p.k_strides[0] + hk * p.k_strides[1], p.Lk,
-                   p.D, p.k_strides[2], p.k_strides[3], 1.0f, fp.lkp,
-                   fp.kt + i * size_t(fp.lkp) * p.D, fp.kw, fp.km + i * size_t(fp.lkp) * Dp, Dp);
-      convert_rows(static_cast<const T*>(a.fwd.v) + b * p.v_strides[0] + hk * p.v_strides[1], p.Lk,
-                   p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, fp.lkp,
-                   fp.vt + i * size_t(fp.lkp) * p.Dv, fp.kw, nullptr, 0);
-    } else {
-      const int64_t j = i - n, qh = fp.kv_first * p.gqa_ratio + j;
-      const int b = int(qh / p.Hq), h = int(qh % p.Hq);
-      convert_rows(static_cast<const T*>(a.fwd.q) + b * p.q_strides[0] + h * p.q_strides[1], p.Lq,
-                   p.D, p.q_strides[2], p.q_strides[3], p.scale, fp.lqp, nullptr, 0,
-                   fp.qf + j * size_t(fp.lqp) * Dp, Dp);
-      convert_rows(static_cast<const T*>(a.dout) + b * p.do_strides[0] + h * p.do_strides[1], p.Lq,
-                   p.Dv, p.do_strides[2], p.do_strides[3], 1.0f, fp.lqp, nullptr, 0,
-                   fp.dof + j * size_t(fp.lqp) * dvp, dvp);
-    }
-  });
+  if (i < n) {
+    const int64_t kv = fp.kv_first + i;
+    const int b = int(kv / p.Hk), hk = int(kv % p.Hk);
+    convert_rows(static_cast<const T*>(a.fwd.k) + b * p.k_strides[0] + hk * p.k_strides[1], p.Lk,
+                 p.D, p.k_strides[2], p.k_strides[3], 1.0f, fp.lkp,
+                 fp.kt + i * size_t(fp.lkp) * p.D, fp.kw, fp.km + i * size_t(fp.lkp) * Dp, Dp);
+    convert_rows(static_cast<const T*>(a.fwd.v) + b * p.v_strides[0] + hk * p.v_strides[1], p.Lk,
+                 p.Dv, p.v_strides[2], p.v_strides[3], 1.0f, fp.lkp,
+                 fp.vt + i * size_t(fp.lkp) * p.Dv, fp.kw, nullptr, 0);
+  } else {
+    const int64_t j = i - n, qh = fp.kv_first * p.gqa_ratio + j;
+    const int b = int(qh / p.Hq), h = int(qh % p.Hq);
+    convert_rows(static_cast<const T*>(a.fwd.q) + b * p.q_strides[0] + h * p.q_strides[1], p.Lq,
+                 p.D, p.q_strides[2], p.q_strides[3], p.scale, fp.lqp, nullptr, 0,
+                 fp.qf + j * size_t(fp.lqp) * Dp, Dp);
+    convert_rows(static_cast<const T*>(a.dout) + b * p.do_strides[0] + h * p.do_strides[1], p.Lq,
+                 p.Dv, p.do_strides[2], p.do_strides[3], 1.0f, fp.lqp, nullptr, 0,
+                 fp.dof + j * size_t(fp.lqp) * dvp, dvp);
+  }
 }
 
-// The buffer of FloatPacks for waves of the nkv K/V heads (wave_heads);
-// sets fp's sizes and pointers.
-float* alloc_float_packs(const FlashParams& p, int64_t nkv, FloatPacks& fp) {
+// Sets fp's sizes; returns the bytes of one K/V head's copies with its
+// query heads'.
+size_t size_packs(const FlashParams& p, FloatPacks& fp) {
   const int Dp = pad16(p.D), dvp = pad16(p.Dv);
   fp.lkp = (p.Lk + BK - 1) / BK * BK + BK;
   fp.kw = p.packed ? fp.lkp : BK;
   fp.lqp = (p.Lq + BQ - 1) / BQ * BQ + BQ;
   const size_t key_floats = size_t(fp.lkp) * (p.D + p.Dv + Dp);
   const size_t query_floats = size_t(fp.lqp) * (Dp + dvp) * p.gqa_ratio;
-  fp.wave = wave_heads((key_floats + query_floats) * sizeof(float), nkv);
-  float* buf = alloc_aligned<float>(fp.wave * (key_floats + query_floats));
-  fp.kt = buf;
+  return (key_floats + query_floats) * sizeof(float);
+}
+// Points fp's copies into buf, for fp.wave K/V heads from fp.kv_first.
+void place_packs(const FlashParams& p, FloatPacks& fp, void* buf) {
+  const int Dp = pad16(p.D);
+  fp.kt = static_cast<float*>(buf);
   fp.vt = fp.kt + fp.wave * size_t(fp.lkp) * p.D;
   fp.km = fp.vt + fp.wave * size_t(fp.lkp) * p.Dv;
   fp.qf = fp.km + fp.wave * size_t(fp.lkp) * Dp;
   fp.dof = fp.qf + fp.wave * p.gqa_ratio * size_t(fp.lqp) * Dp;
-  return buf;
 }
 
 // The backward of K/V heads [first, first + n) (for each, every packed
@@ -750,31 +750,63 @@ void run_backward(const BackwardArgs& a) {
   // task rows to write theirs.
   memset(delta + nbh * p.Lq, 0, sizeof(float) * 2 * nbh * nqb);
   // bfloat16 with dot products: the GEMMs run on bfloat16 pairs over
-  // operands packed, otherwise on FMAs over operands converted to float32,
-  // a wave of heads at a time.
+  // operands packed, otherwise on FMAs over operands converted to float32.
   Bf16Packs packs{};
   FloatPacks fpacks{};
-  void* packed_operands = nullptr;
+  size_t head_bytes = 0; // per K/V head with its query heads
 #if defined(FA_BF16_DOT)
-  if constexpr (is_bf16<T>) packed_operands = alloc_bf16_packs(p, nkv, packs);
+  if constexpr (is_bf16<T>) head_bytes = size_packs(p, packs);
 #endif
-  if (!packed_operands) packed_operands = alloc_float_packs(p, nkv, fpacks);
-  Backward<T> bw{a, p, delta, delta + nbh * p.Lq, nqb,
-                 packs.kt ? &packs : nullptr, packs.kt ? nullptr : &fpacks};
+  const bool bf = head_bytes != 0;
+  if (!bf) head_bytes = size_packs(p, fpacks);
+  Backward<T> bw{a, p, delta, delta + nbh * p.Lq, nqb, bf ? &packs : nullptr,
+                 bf ? nullptr : &fpacks};
+  // The operands of K/V heads [first, first + n) into buf.
+  auto place = [&](Backward<T>& w, Bf16Packs& pk, FloatPacks& fp, void* buf, int64_t first,
+                   int64_t n) {
+    if (bf) {
+      pk.kv_first = first, pk.wave = n;
+      place_packs(p, pk, buf);
+    } else {
+      fp.kv_first = first, fp.wave = n;
+      place_packs(p, fp, buf);
+    }
+    w.bf = bf ? &pk : nullptr;
+    w.fp = bf ? nullptr : &fp;
+  };
+  // Item i of K/V heads [first, first + n) and their query heads (see copy_operands).
+  auto copy = [&](const Backward<T>& w, int64_t n, int64_t i) {
+#if defined(FA_BF16_DOT)
+    if (w.bf) return copy_operands(a, *w.bf, n, i);
+#endif
+    copy_operands<T>(a, *w.fp, n, i);
+  };
 
   parallel(nbh, [&](int64_t bh) { bw.delta_rows(int(bh / p.Hq), int(bh % p.Hq), delta); });
   // Fused per-head tasks when there are enough to share out (two per
   // thread); else the two passes' finer tasks.
-  const bool fused = nkv * (p.packed ? p.B : 1) >= 2 * num_threads();
-  int64_t& first = packs.kt ? packs.kv_first : fpacks.kv_first;
-  const int64_t wave = packs.kt ? packs.wave : fpacks.wave;
-  for (first = 0; first < nkv; first += wave) {
-    const int64_t n = nkv - first < wave ? nkv - first : wave;
-#if defined(FA_BF16_DOT)
-    if (packs.kt) pack_backward(a, packs, n);
-#endif
-    if (!packs.kt) convert_backward<T>(a, fpacks, n);
-    run_heads(bw, first, n, nkb, fused);
+  const int nseq = p.packed ? p.B : 1;
+  const bool fused = nkv * nseq >= 2 * num_threads();
+  if (fused && own_heads(head_bytes, nkv)) { // each thread a head at a time
+    parallel(nkv, [&](int64_t kv) {
+      Backward<T> own = bw;
+      Bf16Packs pk = packs;
+      FloatPacks fp = fpacks;
+      place(own, pk, fp, thread_scratch(head_bytes, 1), kv, 1);
+      for (int64_t i = 0; i <= p.gqa_ratio; ++i) copy(own, 1, i);
+      for (int s = 0; s < nseq; ++s)
+        own.fused_task(p.packed ? s : int(kv / p.Hk), int(kv % p.Hk), nkb);
+    });
+  } else { // a wave of heads at a time
+    const int64_t wave = wave_heads(head_bytes, nkv, bf ? kBf16WaveBytes : kWaveBytes);
+    void* buf = alloc_aligned<uint8_t>(wave * head_bytes);
+    for (int64_t first = 0; first < nkv; first += wave) {
+      const int64_t n = nkv - first < wave ? nkv - first : wave;
+      place(bw, packs, fpacks, buf, first, wave);
+      parallel(n * (1 + p.gqa_ratio), [&](int64_t i) { copy(bw, n, i); });
+      run_heads(bw, first, n, nkb, fused);
+    }
+    free(buf);
   }
   for (int64_t bh = 0; bh < nbh; ++bh) { // fixed-order reduction of the partials
     double d_alibi = 0.0, d_sink = 0.0;
@@ -786,7 +818,6 @@ void run_backward(const BackwardArgs& a) {
     if (a.dalibi) a.dalibi[bh] = float(d_alibi);
     if (a.dsinks) a.dsinks[bh] = float(d_sink);
   }
-  free(packed_operands);
   free(delta);
 }
 

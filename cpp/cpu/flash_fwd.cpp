@@ -643,21 +643,15 @@ void run_tasks(const TaskT& t, const TaskOrder& order, int64_t begin, int64_t en
 }
 
 // Runs the tasks of `order` on copies of K and V that pack(t, slot, i)
-// makes of K/V head i into slot `slot` of t's buffers (t.place).
-// Heads that fit a core's L2 (kOwnHeadBytes), enough of them to share out
-// evenly: each thread copies one head at a time into a buffer of its own
-// and runs all of that head's tasks, so the copies never leave its cache
-// and no barrier parts copying from computing (in waves, 256 bfloat16
-// tokens on 2 threads spent 4x as long copying as on one: copies made on
-// one core, read on the other). Otherwise a wave of (batch, K/V head)s at
-// a time, so that the copies stay within wave_bytes: the wave's heads
-// copied in parallel, then its tasks run.
+// makes of K/V head i into slot `slot` of t's buffers (t.place): each
+// thread a head at a time into its own buffer (own_heads), or a wave of
+// (batch, K/V head)s at a time within wave_bytes, the wave's heads copied
+// in parallel, then its tasks run.
 template <typename TaskT, typename Pack>
 void run_packed(TaskT& t, const TaskOrder& order, size_t wave_bytes, const Pack& pack) {
-  const int64_t nkv = order.kv_heads(), nt = num_threads();
+  const int64_t nkv = order.kv_heads();
   const size_t hb = t.head_bytes();
-  // Whole heads share out evenly: at most a tenth of a round idle.
-  if (hb <= kOwnHeadBytes && nkv >= 2 * nt && ((nkv + nt - 1) / nt * nt - nkv) * 10 <= nkv) {
+  if (own_heads(hb, nkv)) {
     struct Ctx { const TaskT& t; const TaskOrder& order; const Pack& pack; size_t hb; } ctx{
         t, order, pack, hb};
     parallel_for(nkv, [](void* c, int64_t i) {

@@ -595,10 +595,21 @@ constexpr size_t kWaveBytes = size_t(16) << 20;
 // heads at once, 8 x 8 heads of 1024 tokens ran 0-10% (forward, median 3%)
 // and 5-9% (backward) faster (2 threads; RESULTS.md).
 constexpr size_t kBf16WaveBytes = size_t(2) << 20;
-// A K/V head whose copies take at most this many bytes is copied by the
-// thread that runs its tasks, into its own buffer (run_packed): half of a
-// Zen 4 core's L2.
-constexpr size_t kOwnHeadBytes = size_t(512) << 10;
+// Whether each thread should copy whole K/V heads of head_bytes of copies
+// each (of nkv) into a buffer of its own (thread_scratch slot 1), one at a
+// time, and run all of a head's tasks, rather than copy a wave of heads
+// together and share out its tasks: so the copies never leave the cache of
+// the core that made them, and no barrier parts copying from computing (in
+// waves, a 256-token bfloat16 forward on 2 threads spent 4x as long
+// copying as on one: copies made on one core, read on the other). Where
+// the copies fit a core's L2 (Zen 4's; against half of it, 1-8% faster at
+// 384-1024 tokens, no clear change against 2 MiB) and whole heads share out
+// evenly (at most a tenth of a round idle).
+constexpr size_t kOwnHeadBytes = size_t(1) << 20;
+inline bool own_heads(size_t head_bytes, int64_t nkv) {
+  const int64_t t = num_threads();
+  return head_bytes <= kOwnHeadBytes && nkv >= 2 * t && ((nkv + t - 1) / t * t - nkv) * 10 <= nkv;
+}
 
 // K/V heads per wave, of nkv, when each takes head_bytes of copies: at most
 // what kWaveBytes holds, in whole rounds of one head per thread (at least

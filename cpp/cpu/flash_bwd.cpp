@@ -761,7 +761,7 @@ void run_backward(const BackwardArgs& a) {
   if (!bf) head_bytes = size_packs(p, fpacks);
   Backward<T> bw{a, p, delta, delta + nbh * p.Lq, nqb, bf ? &packs : nullptr,
                  bf ? nullptr : &fpacks};
-  // The operands of K/V heads [first, first + n) into buf.
+  // Points w at pk or fp, laid out in buf for K/V heads [first, first + n).
   auto place = [&](Backward<T>& w, Bf16Packs& pk, FloatPacks& fp, void* buf, int64_t first,
                    int64_t n) {
     if (bf) {

@@ -57,7 +57,7 @@ void* thread_scratch(size_t n, int slot) {
     size_t size = 0;
     ~Scratch() { free(p); }
   };
-  thread_local Scratch slots[2];
+  thread_local Scratch slots[kScratchSlots];
   Scratch& s = slots[slot];
   if (s.size < n) {
     free(s.p);

@@ -267,8 +267,8 @@ asm(".globl _ZTISt9bad_alloc, _ZTVSt9bad_alloc\n.section .rodata\n"
 namespace flash_cpu {
 namespace {
 int threads = 1;
-char* scratch[2] = {};
-size_t scratch_size[2] = {};
+char* scratch[kScratchSlots] = {};
+size_t scratch_size[kScratchSlots] = {};
 void bare_set_threads(int n) { threads = n; }
 } // namespace
 void parallel_for(int64_t n, void (*fn)(void* ctx, int64_t i), void* ctx) {

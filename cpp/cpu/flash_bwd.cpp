@@ -792,7 +792,7 @@ void run_backward(const BackwardArgs& a) {
       Backward<T> own = bw;
       Bf16Packs pk = packs;
       FloatPacks fp = fpacks;
-      place(own, pk, fp, thread_scratch(head_bytes, 1), kv, 1);
+      place(own, pk, fp, thread_scratch(head_bytes, kCopyScratch), kv, 1);
       for (int64_t i = 0; i <= p.gqa_ratio; ++i) copy(own, 1, i);
       for (int s = 0; s < nseq; ++s)
         own.fused_task(p.packed ? s : int(kv / p.Hk), int(kv % p.Hk), nkb);

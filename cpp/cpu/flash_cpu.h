@@ -59,8 +59,11 @@ void parallel_for(int64_t n, void (*fn)(void* ctx, int64_t i), void* ctx);
 int num_threads();
 
 // A 64-byte aligned per-thread scratch buffer of at least nbytes, reused
-// across calls on the same thread.
-void* thread_scratch(size_t nbytes, int slot = 0);
+// across calls on the same thread; one per slot: a task's working memory
+// (carve_scratch) and the K/V copies of the head a thread works on
+// (own_heads), which outlive many tasks.
+enum ScratchSlot { kTaskScratch, kCopyScratch, kScratchSlots };
+void* thread_scratch(size_t nbytes, int slot = kTaskScratch);
 
 // One definition per instruction set, in flash_fwd.cpp and flash_bwd.cpp.
 #define FA_DECLARE_ISA(isa)                \

@@ -657,7 +657,7 @@ void run_packed(TaskT& t, const TaskOrder& order, size_t wave_bytes, const Pack&
     parallel_for(nkv, [](void* c, int64_t i) {
       const Ctx& x = *static_cast<const Ctx*>(c);
       TaskT own = x.t;
-      own.place(thread_scratch(x.hb, 1), 1, i);
+      own.place(thread_scratch(x.hb, kCopyScratch), 1, i);
       x.pack(own, 0, i);
       const int64_t per = x.order.per_kv_head();
       for (int64_t j = i * per; j < (i + 1) * per; ++j) {

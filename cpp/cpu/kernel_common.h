@@ -596,7 +596,7 @@ constexpr size_t kWaveBytes = size_t(16) << 20;
 // and 5-9% (backward) faster (2 threads; RESULTS.md).
 constexpr size_t kBf16WaveBytes = size_t(2) << 20;
 // Whether each thread should copy whole K/V heads of head_bytes of copies
-// each (of nkv) into a buffer of its own (thread_scratch slot 1), one at a
+// each (of nkv) into a buffer of its own (kCopyScratch), one at a
 // time, and run all of a head's tasks, rather than copy a wave of heads
 // together and share out its tasks: so the copies never leave the cache of
 // the core that made them, and no barrier parts copying from computing (in

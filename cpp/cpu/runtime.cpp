@@ -206,7 +206,7 @@ void* thread_scratch(size_t nbytes, int slot) {
     size_t size = 0;
     ~Buf() { std::free(ptr); }
   };
-  thread_local Buf bufs[2];
+  thread_local Buf bufs[kScratchSlots];
   Buf& buf = bufs[slot];
   if (buf.size < nbytes) {
     std::free(buf.ptr);

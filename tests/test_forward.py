@@ -291,12 +291,23 @@ def test_few_rows_odd_head_dims(rng, dtype, D, Lq, strided, Hq):
 
 
 # A whole query block decoded (2 query heads x 32 rows = 64 rows per task,
-# K and V read as they stream by), at a head dim whose V block is smaller
-# than its P block.
+# K and V read as they stream by: one task, too few to pack K and V for),
+# at a head dim whose V block is smaller than its P block.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_decoding_a_whole_query_block(rng, dtype, causal):
-    run_and_check(rng, dtype, B=1, Hq=4, Hk=2, Lq=32, Lk=301, D=16, causal=causal)
+    run_and_check(rng, dtype, B=1, Hq=2, Hk=1, Lq=32, Lk=301, D=16, causal=causal)
+
+
+# One full query block per head group with D <= 64 and tasks for every
+# thread (2 x 16 K/V heads, up to 16 threads): K and V packed as for longer
+# queries, not decoded.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Hq,Lq", [(16, 64), (64, 16)], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("Lk,D", [(64, 64), (301, 32), (150, 48)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_query_block_packed(rng, dtype, Hq, Lq, Lk, D, causal):
+    run_and_check(rng, dtype, B=2, Hq=Hq, Hk=16, Lq=Lq, Lk=Lk, D=D, causal=causal)
 
 
 def test_matches_mlx_fast_sdpa(rng):

@@ -739,18 +739,17 @@ void run_all(const ForwardArgs& a) {
   Task<T> task{a, p, hpt, BQ / hpt, 1, {}};
   const int nqb = (p.max_rows_q + task.nqi - 1) / task.nqi; // query blocks per head group
   TaskOrder order{nqb, p.gqa_ratio / hpt, p.B, p.Hk, bool(p.packed)};
-  const int64_t nkv = order.kv_heads();
-  if (nkv * order.per_kv_head() == 0) return;
+  const int64_t nkv = order.kv_heads(), ntasks = nkv * order.per_kv_head();
+  if (ntasks == 0) return;
   // Converting (packing) K and V up front costs about one pass over them:
   // worth it when several query blocks reuse them, not for decoding (one
   // block per head, few rows), where the blocks are converted as they
   // stream by. One full block of rows (64 queries, or 16 of 4 GQA heads)
   // with D <= 64 still gains from the packed GEMMs, where a key's row dot
-  // products are short (2 threads, 64-4k keys: float32 0.80-0.89x the
-  // time, bfloat16 0.79-0.99x; at D = 128 up to 1.23x slower), given tasks
+  // products are short (2 threads, D 32-64, 64-4k keys: float32 0.72-0.89x
+  // the time, bfloat16 0.75-0.99x; at D = 128 up to 1.23x slower), given tasks
   // enough for the threads (the decode path splits keys among them).
-  const bool full_block = hpt * (p.max_rows_q < task.nqi ? p.max_rows_q : task.nqi) == BQ;
-  const bool pack_one = full_block && p.D <= 64 && nkv * order.per_kv_head() >= 2 * num_threads();
+  const bool pack_one = hpt * p.max_rows_q == BQ && p.D <= 64 && ntasks >= 2 * num_threads();
   if (nqb < 2 && !pack_one) return run_decode(task, order);
 #if defined(FA_BF16_DOT)
   if constexpr (is_bf16<T>) return run_bf16(task, order);

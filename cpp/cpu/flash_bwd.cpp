@@ -785,16 +785,20 @@ void run_backward(const BackwardArgs& a) {
   // Fused per-head tasks when there are enough to share out (two per
   // thread); else the two passes' finer tasks.
   const int nseq = p.packed ? p.B : 1;
+  // The delta rows of query head qh (index (batch, head)), in every packed
+  // sequence: computed where the head's operands are copied, on both paths
+  // below. A pass over all heads before took a round of the pool of its own
+  // and read O and dO apart from the copy that reads dO again (own heads,
+  // 2 threads, D 64: causal bfloat16 256 tokens 0.91x the time, 384 0.96x,
+  // 512 0.97x, 1024 1.00x; waves: 0.97-1.00x, within the noise).
+  auto deltas = [&](int64_t qh) {
+    for (int s = 0; s < nseq; ++s)
+      bw.delta_rows(p.packed ? s : int(qh / p.Hq), int(qh % p.Hq), delta);
+  };
   const bool fused = nkv * nseq >= 2 * num_threads();
   if (fused && own_heads(head_bytes, nkv)) { // each thread a head at a time
     parallel(nkv, [&](int64_t kv) {
-      // The head's delta rows first, in its task: a pass over all heads
-      // before took a round of the pool of its own, and read O and dO apart
-      // from the task that reads dO again (2 threads, D 64: causal bfloat16
-      // 256 tokens 0.91x the time, 384 0.96x, 512 0.97x, 1024 1.00x).
-      for (int s = 0; s < nseq; ++s)
-        for (int64_t qh = kv * p.gqa_ratio; qh < (kv + 1) * p.gqa_ratio; ++qh)
-          bw.delta_rows(p.packed ? s : int(qh / p.Hq), int(qh % p.Hq), delta);
+      for (int64_t qh = kv * p.gqa_ratio; qh < (kv + 1) * p.gqa_ratio; ++qh) deltas(qh);
       Backward<T> own = bw;
       Bf16Packs pk = packs;
       FloatPacks fp = fpacks;
@@ -804,13 +808,15 @@ void run_backward(const BackwardArgs& a) {
         own.fused_task(p.packed ? s : int(kv / p.Hk), int(kv % p.Hk), nkb);
     });
   } else { // a wave of heads at a time
-    parallel(nbh, [&](int64_t bh) { bw.delta_rows(int(bh / p.Hq), int(bh % p.Hq), delta); });
     const int64_t wave = wave_heads(head_bytes, nkv, bf ? kBf16WaveBytes : kWaveBytes);
     void* buf = alloc_aligned<uint8_t>(wave * head_bytes);
     for (int64_t first = 0; first < nkv; first += wave) {
       const int64_t n = nkv - first < wave ? nkv - first : wave;
       place(bw, packs, fpacks, buf, first, wave);
-      parallel(n * (1 + p.gqa_ratio), [&](int64_t i) { copy(bw, n, i); });
+      parallel(n * (1 + p.gqa_ratio), [&](int64_t i) {
+        copy(bw, n, i);
+        if (i >= n) deltas(first * p.gqa_ratio + i - n);
+      });
       run_heads(bw, first, n, nkb, fused);
     }
     free(buf);

@@ -782,8 +782,6 @@ void run_backward(const BackwardArgs& a) {
     copy_operands<T>(a, *w.fp, n, i);
   };
 
-  // Fused per-head tasks when there are enough to share out (two per
-  // thread); else the two passes' finer tasks.
   const int nseq = p.packed ? p.B : 1;
   // The delta rows of query head qh (index (batch, head)), in every packed
   // sequence: computed where the head's operands are copied, on both paths
@@ -795,6 +793,8 @@ void run_backward(const BackwardArgs& a) {
     for (int s = 0; s < nseq; ++s)
       bw.delta_rows(p.packed ? s : int(qh / p.Hq), int(qh % p.Hq), delta);
   };
+  // Fused per-head tasks when there are enough to share out (two per
+  // thread); else the two passes' finer tasks.
   const bool fused = nkv * nseq >= 2 * num_threads();
   if (fused && own_heads(head_bytes, nkv)) { // each thread a head at a time
     parallel(nkv, [&](int64_t kv) {

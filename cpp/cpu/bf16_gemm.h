@@ -368,6 +368,7 @@ inline void gemm_ab_add(const uint16_t* a, int nr, const uint16_t* b, int n, lon
 // 32 elements per instruction, half those of converting K to float32
 // (decoding, 4k keys, 1-2 threads: 7-16% faster).
 struct Bf16Dot {
+  using Acc = vf16;
   static constexpr int kStep = 32;
   static __m512i load(const bf16_t* p) { return _mm512_loadu_si512(p); }
   static vf16 madd(vf16 acc, __m512i q, __m512i k) { return vf16(dot2(__m512(acc), q, k)); }

@@ -286,9 +286,12 @@ struct Task {
 #if defined(FA_BF16_DOT)
           if constexpr (is_bf16<T>) scores(Bf16Dot{}, q16, dq, k + j0 * ldk, ldk, p.scale, npf);
 #endif
-        } else if (k_rows)
-          scores(FloatDot{}, qrows, D, k + j0 * ldk, ldk, 1.0f, npf);
-        else if (decoding)
+        } else if (k_rows) {
+          if constexpr (sizeof(T) == 2)
+            scores(Narrow16Dot{}, qrows, D, k + j0 * ldk, ldk, 1.0f, npf);
+          else
+            scores(FloatDot{}, qrows, D, k + j0 * ldk, ldk, 1.0f, npf);
+        } else if (decoding)
           scores(FloatDot{}, qrows, D, kr, D, 1.0f, 0);
         else
           for_row_blocks(q.nq, [&]<int R>(int i) {

@@ -89,6 +89,11 @@ inline vf16 splat(float x) {
   return vf16{} + x;
 }
 #else
+inline vf8 load8(const float* p) {
+  vf8 v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+}
 // Half by half: a whole-struct memcpy goes through the stack.
 inline vf16 load16(const float* p) {
   vf16 v;
@@ -187,6 +192,7 @@ inline vf16 tanhv(vf16 x) { return {tanh_native(x.lo), tanh_native(x.hi)}; }
 #endif
 
 // The sum of a vector's two 8-float halves.
+inline vf8 fold8(vf8 v) { return v; }
 inline vf8 fold8(vf16 v) {
 #if defined(__AVX512F__)
   return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -395,17 +401,18 @@ inline vf8 bf16x8(const bf16_t* p) {
   return vf8(__builtin_convertvector(h, vu32x8) << 16);
 }
 #endif
-inline vf16 load16(const bf16_t* p) { return {bf16x8(p), bf16x8(p + 8)}; }
-inline vf16 load16(const f16_t* p) {
+inline vf8 load8(const bf16_t* p) { return bf16x8(p); }
+inline vf8 load8(const f16_t* p) {
 #if defined(__F16C__)
-  return {vf8(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))),
-          vf8(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))))};
+  return vf8(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #else
-  float x[16];
-  for (int i = 0; i < 16; ++i) x[i] = to_float(p[i]);
-  return load16(x);
+  vf8 v;
+  for (int i = 0; i < 8; ++i) v[i] = to_float(p[i]);
+  return v;
 #endif
 }
+inline vf16 load16(const bf16_t* p) { return {load8(p), load8(p + 8)}; }
+inline vf16 load16(const f16_t* p) { return {load8(p), load8(p + 8)}; }
 #endif
 
 // The cache line at p into L2 (T1: rows streamed from memory) or into L1
@@ -661,25 +668,42 @@ inline vf8 lane_sums(const vf8 (&a)[8]) {
          __builtin_shufflevector(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-// qk_keys's step in float32: 16 elements of a Q row and a K row (of any
-// element type, converted as loaded) per multiply-add. (bf16_gemm.h has the
-// bfloat16 pairs' step.)
-struct FloatDot {
-  static constexpr int kStep = 16;
+// qk_keys's step in float32: a vector V (vf16 or vf8) of a Q row and a K row
+// (of any element type, converted as loaded) per multiply-add. (bf16_gemm.h
+// has the bfloat16 pairs' step.)
+template <typename V>
+struct FloatDotOf {
+  using Acc = V;
+  static constexpr int kStep = sizeof(V) / sizeof(float);
   static constexpr bool groups(int) { return false; } // see Bf16Dot
   template <typename T>
-  static vf16 load(const T* p) { return load16(p); }
-  static vf16 madd(vf16 acc, vf16 q, vf16 k) { return acc + q * k; }
+  static V load(const T* p) {
+    if constexpr (kStep == 16) return load16(p);
+    else return load8(p);
+  }
+  static V madd(V acc, V q, V k) { return acc + q * k; }
 };
+using FloatDot = FloatDotOf<vf16>;
+// 16-bit K rows. Where vectors are 8 floats (AVX2, NEON), in 8-float steps:
+// the registers of 4 accumulators of 16 floats then hold 8 of 8, 2 keys'
+// for 4 GQA rows, so each Q vector loaded serves 2 keys (AVX2, one thread,
+// bfloat16 and float16 decoding, 32/8 heads D 128, 1k-4k keys: 10-13%
+// faster, D 80 17%, 16/8 heads D 64 6%; MHA within 2%, float16 8% faster).
+// float32 rows were 2-5% slower that way (1k-16k keys): they keep FloatDot.
+#if defined(__AVX512F__)
+using Narrow16Dot = FloatDot;
+#else
+using Narrow16Dot = FloatDotOf<vf8>;
+#endif
 
 // S[r][j] = scale Q[r] . K[j] for R rows and keys [0, nk) (decoding: too few
 // rows to pay for transposing K): dot products with K's rows, read in place
-// (ldk elements apart), Dot::kStep elements per step (FloatDot, Bf16Dot).
-// KG keys per pass over d, so each K vector loaded serves R rows: R x KG
-// accumulators, as many as fit in registers beside the operands (16 zmm with
-// AVX-512, 4 vf16 = 8 ymm otherwise). Their sums come out 8 at a time
-// (lane_sums). Where Dot groups R rows (Bf16Dot::groups), q holds them
-// packed and Dot computes their passes. Columns [nk, round_up(nk, KG))
+// (ldk elements apart), Dot::kStep elements per step (FloatDot, Narrow16Dot,
+// Bf16Dot). KG keys per pass over d, so each K vector loaded serves R rows:
+// R x KG accumulators, as many as fit in registers beside the operands (16
+// zmm with AVX-512, 8 ymm otherwise: 4 vf16 or 8 vf8). Their sums come
+// out 8 at a time (lane_sums). Where Dot groups R rows (Bf16Dot::groups), q
+// holds them packed and Dot computes their passes. Columns [nk, round_up(nk, KG))
 // repeat key nk - 1, for the masks to hide. Each pass prefetches KG of the
 // npf rows from pf (K's rows ldk apart, D long), rows streamed from memory
 // (see Task::run): spread over the work, where a burst of them stalled on
@@ -688,7 +712,7 @@ struct FloatDot {
 // rows into L1 (T0), a line per step: its KG rows, read 64 bytes of each in
 // turn, are a pattern the L1 prefetchers don't follow (float32 decoding,
 // 4k keys, one thread: 32/8 heads 6-12%, MHA 23%, D 256 32% faster); a
-// pass of one row (KG = 1: AVX2, 3+ rows) they do follow, and there these
+// pass of one row (KG = 1: AVX2 vf16, 3+ rows) they do follow, and there these
 // prefetches cost bfloat16 decoding 6-7%.
 template <int R, typename Dot, typename TQ, typename TK>
 FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, int nk, float scale,
@@ -711,7 +735,8 @@ FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, in
       Dot::template group_sums<R>(q, ldq, D, kr, scale, s + j, BK);
     }
   } else {
-    constexpr int kAcc = ROWS * CHUNK >= 16 ? 16 : 4;
+    constexpr int kAcc =
+        (ROWS * CHUNK >= 16 ? 16 : 4) * int(sizeof(vf16) / sizeof(typename Dot::Acc));
     constexpr int KG = kAcc / R > 1 ? kAcc / R : 1;
     const int Dn = D / Dot::kStep * Dot::kStep;
     for (int j = 0; j < nk; j += KG) {
@@ -722,11 +747,11 @@ FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, in
       const int nfar = npf - j < 0 ? 0 : npf - j < KG ? npf - j : KG;
       const int after = nk - j - KG; // keys after this pass
       const int nnear = KG == 1 || after < 0 ? 0 : after < KG ? after : KG;
-      vf16 acc[R][KG];
+      typename Dot::Acc acc[R][KG];
       for (int r = 0; r < R; ++r)
-        for (int t = 0; t < KG; ++t) acc[r][t] = vf16{};
+        for (int t = 0; t < KG; ++t) acc[r][t] = typename Dot::Acc{};
       for (int d = 0; d < Dn; d += Dot::kStep) {
-        if (d * sizeof(TK) % 64 == 0) { // 16-bit K through FloatDot: 2 steps a line
+        if (d * sizeof(TK) % 64 == 0) { // a step may cover less than a line
           for (int t = 0; t < nfar; ++t) prefetch_l2(pf + (j + t) * ldk + d);
           for (int t = 0; t < nnear; ++t) prefetch_l1(kr[t] + KG * ldk + d);
         }

@@ -700,20 +700,20 @@ using Narrow16Dot = FloatDotOf<vf8>;
 // rows to pay for transposing K): dot products with K's rows, read in place
 // (ldk elements apart), Dot::kStep elements per step (FloatDot, Narrow16Dot,
 // Bf16Dot). KG keys per pass over d, so each K vector loaded serves R rows:
-// R x KG accumulators, as many as fit in registers beside the operands (16
-// zmm with AVX-512, 8 ymm otherwise: 4 vf16 or 8 vf8). Their sums come
-// out 8 at a time (lane_sums). Where Dot groups R rows (Bf16Dot::groups), q
-// holds them packed and Dot computes their passes. Columns [nk, round_up(nk, KG))
-// repeat key nk - 1, for the masks to hide. Each pass prefetches KG of the
-// npf rows from pf (K's rows ldk apart, D long), rows streamed from memory
-// (see Task::run): spread over the work, where a burst of them stalled on
-// the fill buffers (2 threads, 4k-32k keys: 2-21% faster); without groups,
-// a line of each per step over d. There it also brings the next pass's
-// rows into L1 (T0), a line per step: its KG rows, read 64 bytes of each in
-// turn, are a pattern the L1 prefetchers don't follow (float32 decoding,
-// 4k keys, one thread: 32/8 heads 6-12%, MHA 23%, D 256 32% faster); a
-// pass of one row (KG = 1: AVX2 vf16, 3+ rows) they do follow, and there these
-// prefetches cost bfloat16 decoding 6-7%.
+// R x KG accumulators, as many as fit in registers beside the operands (16 zmm
+// with AVX-512, 8 ymm otherwise: 4 vf16 or 8 vf8). Their sums come out 8 at a
+// time (lane_sums). Where Dot groups R rows (Bf16Dot::groups), q holds them
+// packed and Dot computes their passes. Columns [nk, round_up(nk, KG)) repeat
+// key nk - 1, for the masks to hide. Each pass prefetches KG of the npf rows
+// from pf (K's rows ldk apart, D long), rows streamed from memory (see
+// Task::run): spread over the work, where a burst of them stalled on the fill
+// buffers (2 threads, 4k-32k keys: 2-21% faster); without groups, a line of
+// each per step over d. There it also brings the next pass's rows into L1 (T0),
+// a line per step: its KG rows, read 64 bytes of each in turn, are a pattern
+// the L1 prefetchers don't follow (float32 decoding, 4k keys, one thread:
+// 32/8 heads 6-12%, MHA 23%, D 256 32% faster); a pass of one row (KG = 1: AVX2
+// vf16, 3+ rows) they do follow, and there these prefetches cost bfloat16
+// decoding 6-7%.
 template <int R, typename Dot, typename TQ, typename TK>
 FA_GEMM void qk_keys(Dot, const TQ* q, int ldq, const TK* k, long ldk, int D, int nk, float scale,
                      float* s, const TK* pf = nullptr, int npf = 0) {

@@ -809,7 +809,8 @@ void run_backward(const BackwardArgs& a) {
     });
   } else { // a wave of heads at a time
     const int64_t wave = wave_heads(head_bytes, nkv, bf ? kBf16WaveBytes : kWaveBytes);
-    void* buf = alloc_aligned<uint8_t>(wave * head_bytes);
+    void* own;
+    void* buf = wave_buffer(wave * head_bytes, &own);
     for (int64_t first = 0; first < nkv; first += wave) {
       const int64_t n = nkv - first < wave ? nkv - first : wave;
       place(bw, packs, fpacks, buf, first, wave);
@@ -819,7 +820,7 @@ void run_backward(const BackwardArgs& a) {
       });
       run_heads(bw, first, n, nkb, fused);
     }
-    free(buf);
+    free(own);
   }
   for (int64_t bh = 0; bh < nbh; ++bh) { // fixed-order reduction of the partials
     double d_alibi = 0.0, d_sink = 0.0;

@@ -60,9 +60,10 @@ int num_threads();
 
 // A 64-byte aligned per-thread scratch buffer of at least nbytes, reused
 // across calls on the same thread; one per slot: a task's working memory
-// (carve_scratch) and the K/V copies of the head a thread works on
-// (own_heads), which outlive many tasks.
-enum ScratchSlot { kTaskScratch, kCopyScratch, kScratchSlots };
+// (carve_scratch), the K/V copies of the head a thread works on
+// (own_heads), which outlive many tasks, and the calling thread's wave of
+// copies (wave_buffer).
+enum ScratchSlot { kTaskScratch, kCopyScratch, kWaveScratch, kScratchSlots };
 void* thread_scratch(size_t nbytes, int slot = kTaskScratch);
 
 // One definition per instruction set, in flash_fwd.cpp and flash_bwd.cpp.

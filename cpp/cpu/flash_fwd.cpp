@@ -677,7 +677,8 @@ void run_packed(TaskT& t, const TaskOrder& order, size_t wave_bytes, const Pack&
     return;
   }
   const int64_t wave = wave_heads(hb, nkv, wave_bytes), per = order.per_kv_head();
-  uint8_t* buf = alloc_aligned<uint8_t>(wave * hb);
+  void* own;
+  void* buf = wave_buffer(wave * hb, &own);
   for (int64_t first = 0; first < nkv; first += wave) {
     const int64_t n = nkv - first < wave ? nkv - first : wave;
     t.place(buf, wave, first);
@@ -688,7 +689,7 @@ void run_packed(TaskT& t, const TaskOrder& order, size_t wave_bytes, const Pack&
     }, &ctx);
     run_tasks(t, order, first * per, (first + n) * per);
   }
-  free(buf);
+  free(own);
 }
 
 #if defined(FA_BF16_DOT)

@@ -644,11 +644,10 @@ inline T* alloc_aligned(size_t n) {
 // The buffer of a call's wave of copies (n bytes): the calling thread's
 // kWaveScratch, kept from call to call, where n <= kWaveBytes; larger ones
 // (long sequences, where a call takes seconds) are allocated per call, and
-// *own is set to them to free() after it (else null). A new buffer per call
-// faulted in every page of it: glibc serves a thread's allocation of
-// several MiB from a heap it maps and unmaps each time (384 d128 float32
-// forward+backward, 8 heads: 2241 faults, 6.8 -> 9.5 ms a call, in runs of
-// calls).
+// *own is set to them to free() after it (else null). A buffer allocated
+// per call was, on runs of calls, a heap that glibc mapped for the call and
+// unmapped after it, so every page of it faulted in again (384 d128
+// float32 forward+backward, 8 heads: 2241 faults, 6.8 -> 9.5 ms a call).
 inline void* wave_buffer(size_t n, void** own) {
   *own = n > kWaveBytes ? alloc_aligned<uint8_t>(n) : nullptr;
   return *own ? *own : thread_scratch(n, kWaveScratch);
